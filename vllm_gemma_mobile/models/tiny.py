@@ -44,20 +44,52 @@ def tiny_gemma4_config(vocab_size: int = 1024, layers: int = 6, hidden: int = 64
     )
 
 
+def tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer of exactly `vocab_size` ids (<unusedN> fillers, as in Gemma) with Gemma's special ids (pad 0, eos 1, bos 2; BOS added by default),
+    trained deterministically on a small built-in English text; any text encodes (byte fallback)."""
+    import codecs
+    import this  # noqa: F401  (the Zen of Python, as training text)
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = codecs.decode(this.s, "rot13").splitlines() * 4 + [
+        "The capital of France is Paris. The quick brown fox jumps over the lazy dog.",
+        "To be, or not to be, that is the question. Shall I compare thee to a summer's day?",
+        "Once upon a time there was a small model that learned to speak in two bits.",
+    ] * 8
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.add_tokens([f"<unused{i}>" for i in range(vocab_size - len(fast))], special_tokens=True)
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    return fast
+
+
 def build_tiny(family: str, out: str | Path, *, seed: int = 0, tokenizer_from: str | Path | None = None,
                **config_kwargs) -> Path:
     """Write a random tiny `family` ("gemma3" | "gemma4") model (bf16) to `out`; returns `out`.
 
-    With `tokenizer_from`, the tokenizer files of that model directory are copied in and the vocab size is
-    taken from it (so the tiny model can be served and prompted with text).
+    The model gets a tokenizer: by default the tiny byte-level BPE above (vocab = its size); with
+    `tokenizer_from`, the tokenizer of that model directory (e.g. the real Gemma tokenizer, vocab 262144).
     """
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma4ForCausalLM, GenerationConfig
 
     out = Path(out)
-    tok = None
     if tokenizer_from is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer_from)
-        config_kwargs.setdefault("vocab_size", len(tok))
+    else:
+        tok = tiny_tokenizer(config_kwargs.get("vocab_size", 1024))
+    config_kwargs.setdefault("vocab_size", len(tok))
     if family == "gemma3":
         config, cls = tiny_gemma3_config(**config_kwargs), Gemma3ForCausalLM
     elif family == "gemma4":
@@ -72,6 +104,5 @@ def build_tiny(family: str, out: str | Path, *, seed: int = 0, tokenizer_from: s
                 p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
     model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0, do_sample=False)
     model.save_pretrained(out)
-    if tok is not None:
-        tok.save_pretrained(out)
+    tok.save_pretrained(out)
     return out

@@ -1,1 +1,1 @@
-"""."""
+"""Producing mobile checkpoints: llmcompressor modifiers, recipe runner, upstream workarounds."""
