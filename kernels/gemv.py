@@ -1,0 +1,166 @@
+"""Small-M (decode) Triton kernel: packed int2/int4/int8 weights x int8 activations on CUDA cores, split-K.
+
+One program owns ``BLOCK_N`` output channels x ``BLOCK_M`` (<= 8) rows x one K slice. Per step it loads a
+``[BLOCK_N, BLOCK_KW]`` tile of int32 words (rows contiguous: coalesced 16-byte loads), and for each field ``j``
+extracts the unsigned codes with one shift+mask in registers; field ``j`` of a word tile covers runs of 8
+consecutive k (layout ``kgroup8``), so the matching activations are contiguous vector loads (L1/L2 hits: x is
+tiny). The offset-binary ``-2^(bits-1)`` is folded out of the inner loop: ``sum x*(f-o) = sum x*f - o*sum x``.
+
+Numerics (``INT_MATH``): x quantized in-kernel (``clamp(rne(x / s_x))``, IEEE division) unless already int8,
+exact int32 accumulation, epilogue ``f32(acc) * (s_x * weight_scale[n]) (+bias)`` then optional static requant
+with a scalar or per-column ``output_scale`` -- bit-identical to ``reference.linear``.
+Weight-only (``INT_MATH=False``, tied lm_head): ``sum_k f32(x) * f32(q)`` in f32, then ``* weight_scale[n]``.
+Split-K (int path only) combines exact int32 partials with the self-cleaning atomic fix-up of ``_common``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._common import field_to_float, finish, load_x_int8  # raw; rebound per mode
+from .layout import PackedWeight, pack_factor
+
+MAX_BLOCK_M = 8
+
+
+def _configs() -> list[triton.Config]:
+    cfg = []
+    for bn, bkw, sk, warps in [
+        (64, 32, 1, 4), (32, 64, 1, 4), (128, 16, 1, 4),
+        (64, 32, 4, 4), (32, 32, 8, 4), (16, 64, 4, 2), (32, 64, 16, 4),
+    ]:
+        cfg.append(triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": sk}, num_warps=warps, num_stages=2))
+    return cfg
+
+
+def _prune(configs, named_args, **kwargs):
+    """Weight-only (float) path: no split-K (float atomics would be order-dependent)."""
+    if not kwargs.get("INT_MATH", named_args.get("INT_MATH", True)):
+        configs = [c for c in configs if c.kwargs["SPLIT_K"] == 1]
+    kw = named_args["KW"]
+    return [c for c in configs if c.kwargs["SPLIT_K"] == 1 or kw >= 2 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_KW"]]
+
+
+INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_KW": 16}
+
+
+def gemv_kernel(
+    x_ptr, w_ptr, wscale_ptr, si_ptr, so_ptr, bias_ptr, out_ptr, work_ptr, cnt_ptr,
+    M, N, K, KW, stride_xm, stride_om, so_stride, M_BUCKET,
+    BITS: tl.constexpr, INT_MATH: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SO: tl.constexpr, INT8_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, WG: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    GK: tl.constexpr = PACK * WG
+    MASK: tl.constexpr = (1 << BITS) - 1
+    OFF: tl.constexpr = 1 << (BITS - 1)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    kw_per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW
+    kw_lo = pid_k * kw_per_split
+    kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * KW
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    if INT_MATH:
+        s_x = tl.load(si_ptr)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    else:
+        s_x = 1.0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
+        offs_kw = kw0 + tl.arange(0, BLOCK_KW)
+        kw_mask = offs_kw < kw_hi
+        words = tl.load(w_rows + offs_kw[None, :], mask=n_mask[:, None] & kw_mask[None, :], other=0)
+        kbase = (offs_kw // WG) * GK + (offs_kw % WG)
+        for j in tl.static_range(PACK):
+            offs_k = kbase + j * WG
+            xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
+            if INT_MATH:
+                xq = load_x_int8(x_rows + offs_k[None, :], xmask, s_x, X_INT8).to(tl.int32)
+                f = (words >> (j * BITS)) & MASK
+                acc += tl.sum(xq[:, None, :] * f[None, :, :], axis=2)
+                xsum += tl.sum(xq, axis=1)
+            else:
+                xf = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0).to(tl.float32)
+                wf = field_to_float(words, j * BITS, BITS)
+                acc += tl.sum(xf[:, None, :] * wf[None, :, :], axis=2)
+    wscale = tl.load(wscale_ptr + offs_n, mask=n_mask, other=0.0)
+    if INT_MATH:
+        acc = acc - OFF * xsum[:, None]
+        col_scale = s_x * wscale
+    else:
+        col_scale = wscale
+    mask_mn = m_mask[:, None] & n_mask[None, :]
+    tile_id = pid_m * tl.num_programs(0) + pid_n
+    finish(acc, col_scale, offs_m, offs_n, mask_mn, n_mask, tile_id, work_ptr, cnt_ptr, N,
+             bias_ptr, so_ptr, so_stride, out_ptr, stride_om, SPLIT_K, HAS_BIAS, HAS_SO, INT8_OUT)
+
+
+@functools.cache
+def _build(interpret_mode: bool):
+    if interpret_mode:
+        return C.jit_kernel(gemv_kernel, interpret_mode)
+    return triton.autotune(
+        configs=_configs(), key=["M_BUCKET", "N", "KW", "BITS", "INT_MATH", "X_INT8"],
+        prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=None,
+    )(C.jit_kernel(gemv_kernel, interpret_mode))
+
+
+def launch(
+    x2: torch.Tensor, w: PackedWeight, ws: torch.Tensor, si: Optional[torch.Tensor], so: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], out: torch.Tensor, config: Optional[dict] = None,
+) -> torch.Tensor:
+    """Run the GEMV on prepared args (``x2`` [M, K] contiguous rows, f32 scale vectors, ``out`` [M, N]).
+    ``config`` (e.g. ``{"BLOCK_N": 16, "BLOCK_KW": 16, "SPLIT_K": 2}``) bypasses autotuning (tests/bench)."""
+    m, k = x2.shape
+    n, kw = w.n, w.packed.shape[1]
+    if m > MAX_BLOCK_M * 64:
+        raise ValueError(f"gemv is for small M, got M={m}")
+    block_m = min(C.next_pow2(m), MAX_BLOCK_M)
+    int_math = si is not None
+    dev = x2.device
+    interp = C.interpret()
+    kern = _build(interp)
+    if interp or config is not None:
+        cfg = dict(INTERPRET_CONFIG, SPLIT_K=1)
+        cfg.update(config or {})
+    else:
+        cfg = None
+    work, cnt = C.splitk_workspace(dev, m, n, triton.cdiv(n, 16) * triton.cdiv(m, block_m)) if int_math \
+        else (C.dummy(dev, torch.int32), C.dummy(dev, torch.int32))
+    if not int_math and cfg is not None and cfg.get("SPLIT_K", 1) != 1:
+        raise ValueError("split-K is only for the integer path")
+    d = C.dummy(dev)
+    args = (
+        x2, w.packed, ws, si if int_math else d, so if so is not None else d, bias if bias is not None else d,
+        out, work, cnt, m, n, k, kw, x2.stride(0), out.stride(0), 0 if so is None or so.numel() == 1 else 1,
+        min(C.next_pow2(m), 64),
+    )
+    meta = dict(BITS=w.bits, INT_MATH=int_math, X_INT8=x2.dtype == torch.int8, HAS_BIAS=bias is not None,
+                HAS_SO=so is not None, INT8_OUT=out.dtype == torch.int8, BLOCK_M=block_m, WG=C.WG)
+    if cfg is not None:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m), cfg["SPLIT_K"])
+        fn = kern.fn if hasattr(kern, "configs") else kern
+        fn[grid](*args, **meta, **cfg, **C.launch_opts())
+    else:
+        def grid(meta_):
+            return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(m, block_m), meta_["SPLIT_K"])
+        kern[grid](*args, **meta, **C.launch_opts())
+    return out
+
+
+__all__ = ["launch", "MAX_BLOCK_M", "pack_factor"]
