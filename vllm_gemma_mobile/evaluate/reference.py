@@ -1,0 +1,331 @@
+"""The numerical reference: a bf16 model or a mobile checkpoint in transformers + compressed-tensors fake quant.
+
+`load_reference(model_dir)` returns `(model, tokenizer)`:
+
+- bf16 directory: plain `from_pretrained(dtype=bfloat16)`, eval mode.
+- mobile checkpoint (`quant_method: compressed-tensors` + our `gemma_mobile` key, see docs/checkpoint-format.md):
+  1. compressed-tensors 0.17 via transformers with `CompressedTensorsConfig(dequantize=True)`: packed weights are
+     unpacked to `W = q * weight_scale` (bf16) at load; modules end in status DECOMPRESSED, so their forward
+     (`compressed_tensors.quantization.lifecycle.forward.set_forward_quantized`) skips weight QDQ but applies
+     static input AND output QDQ: `y = qdq(F.linear(qdq(x, input_scale)), output_scale)` with
+     `qdq(t, s) = clamp(round(t / s), -128, 127) * s` (torch.round = half-to-even). The division runs in the
+     promoted dtype of `t` and `s`; the loaded scale parameters are bf16 (compressed-tensors creates them in the
+     weight dtype and transformers casts the checkpoint's f32 into them), so the reference computes it in bf16.
+  2. KV cache fake quant (what compressed-tensors cannot express: per-layer bits): for every attention layer,
+     keys and values as cached (after k_norm and RoPE; v after v_norm for Gemma 4) become
+     `clamp(round(k / k_scale), -2^(b-1), 2^(b-1)-1) * k_scale` with `b = layer_bits[i]`, computed in f32 and
+     cast back to the activation dtype. It is applied where attention reads K/V (a registered attention
+     function wrapping the model's own sdpa/eager one); since the quantizer is idempotent this equals quantizing
+     once at cache-write time. Gemma 4 KV-shared layers read the source layer's K/V and use its scales/bits.
+  3. Every scale (weight/input/output/k/v) must be finite and > 0, else `ScaleError` names the tensor.
+
+Workarounds (transformers 5.19 + compressed-tensors 0.17), active only inside `load_reference`:
+- `_init_weights` of a packed `nn.Embedding` (no `.weight`, only `weight_packed`) raises
+  "'Embedding' object has no attribute 'weight'": a placeholder `weight` marked initialized is attached for the
+  duration of that one call (Gemma's own init, e.g. `embed_scale`, still runs).
+- Tying lm_head to a packed embedding fails (`model.embed_tokens.weight` does not exist before decompression):
+  the model is loaded untied and re-tied to the decompressed table afterwards (`tie_word_embeddings` restored).
+- A non-null `kv_cache_scheme` next to `gemma_mobile` is dropped (one global bit width would be wrong for
+  hybrid KV); ours is applied instead.
+- Gemma 4: `config.allow_global_per_layer_attribute_access = True` (AmbiguousGlobalPerLayerAttributeError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+KV_ATTN_PREFIX = "gemma_mobile_kv_"
+_KV_ATTR = "_gemma_mobile_kv"
+_LAYER_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_scale$")
+
+
+class ScaleError(ValueError):
+    """A quantization scale is missing, NaN/inf, zero or negative; the message names the tensor."""
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """KV fake quant of one attention layer: `bits`, per-tensor `k_scale` / `v_scale` (f32 scalars) and the
+    layer that owns the cache these scales belong to (itself, or the source of a Gemma 4 KV-shared layer)."""
+
+    bits: int
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    source_layer: int
+
+
+def read_config(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def mobile_metadata(config: dict) -> dict | None:
+    """`quantization_config.gemma_mobile` of a config.json dict, or None for a model without it."""
+    qc = config.get("quantization_config") or {}
+    return qc.get("gemma_mobile")
+
+
+def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """`clamp(round_half_even(x / scale), -2^(b-1), 2^(b-1)-1) * scale`, in f32, returned in `x.dtype`."""
+    qmax = 2 ** (bits - 1) - 1
+    s = scale.to(device=x.device, dtype=torch.float32)
+    return (torch.clamp(torch.round(x.float() / s), -qmax - 1, qmax) * s).to(x.dtype)
+
+
+def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise ScaleError(f"{name}: missing (the checkpoint must carry it; see docs/checkpoint-format.md)")
+    f = t.detach().float()
+    if f.numel() == 0 or not torch.isfinite(f).all() or (f <= 0).any():
+        bad = f[~torch.isfinite(f) | (f <= 0)].flatten()[:4].tolist() if f.numel() else "empty"
+        raise ScaleError(f"{name}: invalid scale {bad} (must be finite and > 0)")
+    return f
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    return files
+
+
+def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:
+    """Per-layer `KVSpec` from `gemma_mobile.kv_cache` (`layer_bits`, optional `kv_sharing`) and the
+    `layers.i.self_attn.k_scale` / `v_scale` tensors. Raises `ScaleError` naming a missing or invalid tensor."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    kv = (meta or {}).get("kv_cache")
+    if not kv or "layer_bits" not in kv:
+        raise ValueError(f"{model_dir}: quantization_config.gemma_mobile.kv_cache.layer_bits is missing")
+    layer_bits: list[int | None] = list(kv["layer_bits"])
+    sharing = {int(k): int(v) for k, v in (kv.get("kv_sharing") or {}).items()}
+    found: dict[tuple[int, str], tuple[str, Path]] = {}
+    prefix = "model."
+    for f in _safetensors_files(model_dir):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if m := _LAYER_SCALE.search(key):
+                    found[(int(m.group(1)), m.group(2))] = (key, f)
+                    prefix = key[: m.start()] + ("." if m.start() else "")
+    tensors: dict[tuple[int, str], torch.Tensor] = {}
+    for (layer, kind), (key, f) in found.items():
+        with safe_open(str(f), "pt") as st:
+            tensors[(layer, kind)] = st.get_tensor(key)
+    specs: dict[int, KVSpec] = {}
+    for i, bits in enumerate(layer_bits):
+        src = sharing.get(i, i)
+        if bits is None and src == i:
+            raise ValueError(f"layer {i} has no KV bits (null) but is not listed in kv_cache.kv_sharing")
+        if bits is None:
+            continue
+        if bits not in (2, 4, 8):
+            raise ValueError(f"kv_cache.layer_bits[{i}] = {bits}: expected 2, 4 or 8")
+        scales = {}
+        for kind in ("k", "v"):
+            name = f"{prefix}layers.{i}.self_attn.{kind}_scale"
+            scales[kind] = _check_scale(name, tensors.get((i, kind)))
+            if scales[kind].numel() != 1:
+                raise ScaleError(f"{name}: expected one per-tensor scale, got shape {tuple(scales[kind].shape)}")
+        specs[i] = KVSpec(bits, scales["k"].reshape(()), scales["v"].reshape(()), i)
+    for i, src in sharing.items():
+        if src not in specs:
+            raise ValueError(f"KV-shared layer {i} reads layer {src}, which has no KV bits/scales")
+        specs[i] = KVSpec(specs[src].bits, specs[src].k_scale, specs[src].v_scale, src)
+    return specs
+
+
+def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any):
+    """Attention function registered as `gemma_mobile_kv_<base>`: KV fake quant, then the base function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    spec: KVSpec | None = getattr(module, _KV_ATTR, None)
+    if spec is not None:
+        key = fake_quant_kv(key, spec.k_scale, spec.bits)
+        value = fake_quant_kv(value, spec.v_scale, spec.bits)
+    base = module.config._attn_implementation.removeprefix(KV_ATTN_PREFIX)
+    if base in ALL_ATTENTION_FUNCTIONS and base != "eager":
+        fn = ALL_ATTENTION_FUNCTIONS[base]
+    else:  # the model's own eager function (Gemma's has softcapping)
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if "attention" in type(m).__name__.lower() and hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+
+
+def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec]) -> int:
+    """Attach `specs` to the attention modules and switch the model to the KV-quantizing attention function.
+
+    Every attention layer must have a spec. Returns the number of attention modules that got one.
+    """
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attn = _attention_modules(model)
+    if not attn:
+        raise RuntimeError(f"no attention modules found in {type(model).__name__}")
+    for name, m in attn:
+        if m.layer_idx not in specs:
+            raise ValueError(f"{name}: layer {m.layer_idx} has no KV bits/scales")
+        setattr(m, _KV_ATTR, specs[m.layer_idx])
+    base = model.config._attn_implementation or "sdpa"
+    base = base.removeprefix(KV_ATTN_PREFIX)
+    impl = KV_ATTN_PREFIX + base
+    ALL_ATTENTION_FUNCTIONS.register(impl, _kv_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(impl, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    model.set_attn_implementation(impl)
+    if not all(m.config._attn_implementation == impl for _, m in attn):
+        raise RuntimeError(f"could not switch the attention implementation to {impl}")
+    return len(attn)
+
+
+def kv_fake_quant_enabled(model: torch.nn.Module, enabled: bool = True) -> None:
+    """Switch KV fake quant on/off on a model prepared by `load_reference` (for tests and ablations)."""
+    for _, m in _attention_modules(model):
+        spec = getattr(m, _KV_ATTR, None) or getattr(m, _KV_ATTR + "_off", None)
+        if spec is None:
+            continue
+        setattr(m, _KV_ATTR if enabled else _KV_ATTR + "_off", spec)
+        with contextlib.suppress(AttributeError):
+            delattr(m, _KV_ATTR + "_off" if enabled else _KV_ATTR)
+
+
+@contextlib.contextmanager
+def _packed_embedding_init_fix() -> Iterator[None]:
+    """transformers 5.19 `_init_weights` on a packed `nn.Embedding` (compressed-tensors removed `.weight`)
+    raises AttributeError; give it a placeholder weight flagged `_is_hf_initialized` (so the init is a no-op)
+    for that call only, so the model's other inits (e.g. Gemma's `embed_scale` buffer) still run."""
+    from transformers import PreTrainedModel
+
+    orig = PreTrainedModel._initialize_weights
+
+    def patched(self, module, *args, **kwargs):
+        if isinstance(module, torch.nn.Embedding) and "weight" not in module._parameters \
+                and hasattr(module, "weight_packed"):
+            placeholder = torch.nn.Parameter(torch.empty(0, device=module.weight_packed.device), requires_grad=False)
+            placeholder._is_hf_initialized = True
+            module.weight = placeholder
+            try:
+                return orig(self, module, *args, **kwargs)
+            finally:
+                del module.weight
+        return orig(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = patched
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = orig
+
+
+def _text_configs(config) -> list:
+    out = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        out.append(text)
+    return out
+
+
+def _check_activation_quant(model: torch.nn.Module) -> dict[str, int]:
+    """Verify the compressed-tensors state after load: every quantized module is DECOMPRESSED, has a dense
+    weight, valid scales, and (if it has activation schemes) the QDQ forward wrapper. Returns counts."""
+    from compressed_tensors.quantization import QuantizationStatus
+
+    counts = {"quantized_modules": 0, "input_quantized": 0, "output_quantized": 0}
+    for name, m in model.named_modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        counts["quantized_modules"] += 1
+        if getattr(m, "quantization_status", None) != QuantizationStatus.DECOMPRESSED:
+            raise RuntimeError(f"{name}: quantization status {m.quantization_status}, expected decompressed")
+        if "weight" not in m._parameters:
+            raise RuntimeError(f"{name}: weight was not decompressed")
+        for base, args in (("weight", scheme.weights), ("input", scheme.input_activations),
+                           ("output", scheme.output_activations)):
+            if args is None:
+                continue
+            if base != "weight" and args.dynamic:
+                raise ValueError(f"{name}: dynamic {base} activations are not the mobile format (static only)")
+            _check_scale(f"{name}.{base}_scale", getattr(m, f"{base}_scale", None))
+            if base != "weight":
+                counts[f"{base}_quantized"] += 1
+        fwd = getattr(m.__dict__.get("forward"), "__func__", None)  # set_forward_quantized binds an instance forward
+        if (scheme.input_activations or scheme.output_activations) and \
+                getattr(getattr(fwd, "__code__", None), "co_name", "") != "quantized_forward":
+            raise RuntimeError(f"{name}: compressed-tensors' quantized forward is not installed")
+    return counts
+
+
+def load_reference(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """Load `model_dir` (bf16 or mobile checkpoint) as the fake-quant reference; returns `(model, tokenizer)`.
+
+    `model.gemma_mobile_reference` holds a summary (kind, quantized module counts, KV bits per layer).
+    The tokenizer is None if the directory has none.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    raw = read_config(model_dir)
+    qc = raw.get("quantization_config")
+    meta = mobile_metadata(raw)
+    summary: dict[str, Any] = {"path": str(model_dir), "kind": "bf16"}
+    if qc is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    elif qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{model_dir}: unsupported quant_method {qc.get('quant_method')!r}")
+    else:
+        from transformers import CompressedTensorsConfig
+
+        summary["kind"] = "mobile" if meta else "compressed-tensors"
+        config = AutoConfig.from_pretrained(model_dir)
+        qcfg = dict(config.quantization_config) if isinstance(config.quantization_config, dict) else qc
+        if meta and qcfg.get("kv_cache_scheme") is not None:
+            logger.warning("%s: ignoring kv_cache_scheme (one global width); using gemma_mobile per-layer KV bits",
+                           model_dir)
+            qcfg["kv_cache_scheme"] = None
+        config.quantization_config = qcfg
+        tie = [bool(getattr(c, "tie_word_embeddings", False)) for c in _text_configs(config)]
+        for c in _text_configs(config):
+            c.tie_word_embeddings = False  # re-tied below, after decompression
+            if "gemma4" in getattr(c, "model_type", ""):
+                c.allow_global_per_layer_attribute_access = True
+        with _packed_embedding_init_fix():
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, config=config, dtype=torch.bfloat16,
+                quantization_config=CompressedTensorsConfig(dequantize=True))
+        for c, t in zip(_text_configs(model.config), tie):
+            c.tie_word_embeddings = t
+        if any(tie) and model.get_output_embeddings() is not None:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+            logger.debug("re-tied lm_head to the decompressed embedding table")
+        summary.update(_check_activation_quant(model))
+    model.eval().to(device)
+    if meta is not None:
+        specs = load_kv_specs(model_dir, meta)
+        install_kv_fake_quant(model, specs)
+        n = model.config.get_text_config().num_hidden_layers
+        summary["kv_bits"] = [specs[i].bits if i in specs else None for i in range(n)]
+        summary["kv_source_layer"] = [specs[i].source_layer if i in specs else None for i in range(n)]
+    model.gemma_mobile_reference = summary
+    logger.info("loaded %s reference %s: %s", summary["kind"], model_dir,
+                {k: v for k, v in summary.items() if k not in ("path", "kind")})
+    tokenizer = None
+    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return model, tokenizer
+
