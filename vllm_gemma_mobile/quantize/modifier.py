@@ -99,10 +99,6 @@ class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
         return super().on_end(state, event, **kwargs)
 
 
-    def compress_modules(self):
-        workarounds.observe_missing_weight_stats(list(self._num_samples.keys()))
-        return super().compress_modules()
-
 
 class MobileQuantizationModifier(_MobileSchemeMixin, QuantizationModifier):
     """Round-to-nearest weights (recipe's observer) + static int8 in/out activations + static int KV."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,22 +59,16 @@ def load_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None) -> 
 
 
 def calibration_token_ids(tokenizer, num_samples: int, seq_len: int) -> list[list[int]]:
-    """`num_samples` windows of `seq_len` tokens (BOS first) from the fixed calibration split."""
+    """`num_samples` sequences of at most `seq_len` tokens (BOS first) from the fixed calibration split
+    (random passages of the calibration plays, never the evaluation plays)."""
     from vllm_gemma_mobile.evaluate.data import calibration_texts
 
-    text = "\n".join(calibration_texts())
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    body = seq_len - 1
-    if len(ids) < body:
-        raise ValueError(f"calibration split has only {len(ids)} tokens, need at least {body}")
-    windows = []
-    n_windows = len(ids) // body
-    for i in range(min(num_samples, n_windows)):
-        windows.append([tokenizer.bos_token_id] + ids[i * body:(i + 1) * body])
-    if len(windows) < num_samples:
-        logger.warning("calibration split gives %d windows of %d tokens (asked for %d)", len(windows), seq_len,
-                       num_samples)
-    return windows
+    texts = calibration_texts(n_samples=num_samples, chars_per_sample=seq_len * 6)
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids[: seq_len - 1]
+        out.append([tokenizer.bos_token_id] + ids)
+    return out
 
 
 def check_scales(model: torch.nn.Module) -> int:
@@ -115,26 +109,36 @@ def _finalize_config(out: Path, metadata: dict) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def quantize(base: str | Path, recipe: str | Path, out: str | Path, *, num_samples: int | None = None,
-             seq_len: int | None = None, overrides: dict[str, Any] | None = None,
-             dataset: Sequence[Sequence[int]] | None = None, pipeline: str | None = None) -> Path:
-    """Quantize the HF model at `base` with `recipe` into `out` (replaced atomically); returns `out`.
+@dataclass
+class Calibrated:
+    """A model after oneshot: fake-quant frozen, scales checked; not yet saved."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    metadata: dict
+    base: Path
+
+
+def calibrate(base: str | Path, recipe: str | Path, *, num_samples: int | None = None, seq_len: int | None = None,
+              overrides: dict[str, Any] | None = None, dataset: Sequence[Sequence[int]] | None = None,
+              pipeline: str | None = None) -> Calibrated:
+    """Run `recipe` (with `overrides` of its mobile modifier's options) on the HF model at `base`.
 
     `dataset`: calibration token-id sequences (default: the fixed Shakespeare calibration split, tokenized with
-    BASE's tokenizer into `num_samples` windows of `seq_len` tokens).
+    BASE's tokenizer into `num_samples` sequences of `seq_len` tokens).
     """
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.core import active_session
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import vllm_gemma_mobile.quantize.modifier as modifier_mod  # registers the modifiers
+    from vllm_gemma_mobile.quantize.modifier import MobileGPTQModifier, MobileQuantizationModifier
 
     workarounds.stub_granitemoe_import()
-    base, out = Path(base), Path(out)
+    base = Path(base)
     num_samples = num_samples or DEFAULT_NUM_SAMPLES
     seq_len = seq_len or DEFAULT_SEQ_LEN
-    recipe_yaml, options = load_recipe(recipe, overrides)
-    t0 = time.time()
+    recipe_yaml, _ = load_recipe(recipe, overrides)
 
     tokenizer = None
     if (base / "tokenizer_config.json").exists() or (base / "tokenizer.json").exists():
@@ -149,37 +153,52 @@ def quantize(base: str | Path, recipe: str | Path, out: str | Path, *, num_sampl
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     workarounds.allow_gemma4_per_layer_attributes(model.config)
     pipeline = pipeline or workarounds.calibration_pipeline(model.config)
+    logger.info("calibrating %s on %d sequences (<= %d tokens), pipeline=%s", base, len(ids), seq_len, pipeline)
     with tempfile.TemporaryDirectory() as tmp:
         recipe_path = Path(tmp) / "recipe.yaml"
         recipe_path.write_text(recipe_yaml)
         with workarounds.observe_only_output_calibration():
-            model = oneshot(model=model, processor=tokenizer, recipe=str(recipe_path), dataset=calib, num_calibration_samples=len(ids),
-                            max_seq_length=max(len(s) for s in ids), pipeline=pipeline, shuffle_calibration_samples=False)
-    from llmcompressor.core import active_session
-
-    mobile = [m for m in _modifiers(active_session()) if isinstance(m, (modifier_mod.MobileGPTQModifier,
-                                                                        modifier_mod.MobileQuantizationModifier))]
+            model = oneshot(model=model, processor=tokenizer, recipe=str(recipe_path), dataset=calib,
+                            num_calibration_samples=len(ids), max_seq_length=max(len(s) for s in ids),
+                            pipeline=pipeline, shuffle_calibration_samples=False)
+    mobile = [m for m in active_session().lifecycle.recipe.modifiers
+              if isinstance(m, (MobileGPTQModifier, MobileQuantizationModifier))]
     if len(mobile) != 1:
-        raise QuantizeError("could not find the mobile modifier after oneshot")
+        raise QuantizeError(f"{recipe}: expected one mobile modifier to have run, found {len(mobile)}")
     metadata = mobile[0].mobile_expanded.metadata(mobile[0].mobile_scheme)
     _drop_kv_scales_without_cache(model, metadata["kv_cache"]["layer_bits"])
-    n_scales = check_scales(model)
+    check_scales(model)
     _retie_embeddings(model)
+    return Calibrated(model, tokenizer, metadata, base)
 
+
+def save_mobile(cal: Calibrated, out: str | Path) -> Path:
+    """Save a calibrated model as a mobile checkpoint at `out` (built in OUT.tmp, then renamed)."""
+    out = Path(out)
     tmp_out = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
-    model.save_pretrained(tmp_out, save_compressed=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp_out)
-    gen = base / "generation_config.json"
+    cal.model.save_pretrained(tmp_out, save_compressed=True)
+    if cal.tokenizer is not None:
+        cal.tokenizer.save_pretrained(tmp_out)
+    gen = cal.base / "generation_config.json"
     if gen.exists():
         shutil.copy(gen, tmp_out / "generation_config.json")
-    _finalize_config(tmp_out, metadata)
+    _finalize_config(tmp_out, cal.metadata)
     drop_tied_lm_head(tmp_out)
     if out.exists():
         shutil.rmtree(out)
     tmp_out.rename(out)
-    logger.info("saved %s (%d scales checked) in %.0f s", out, n_scales, time.time() - t0)
+    return out
+
+
+def quantize(base: str | Path, recipe: str | Path, out: str | Path, **kwargs) -> Path:
+    """`gemma-mobile quantize`: calibrate BASE with RECIPE and save the mobile checkpoint at OUT; returns OUT.
+
+    Keyword arguments are those of `calibrate`. A failure leaves an existing OUT untouched.
+    """
+    t0 = time.time()
+    out = save_mobile(calibrate(base, recipe, **kwargs), out)
+    logger.info("saved %s in %.0f s", out, time.time() - t0)
     return out
 
 
@@ -218,13 +237,6 @@ def drop_tied_lm_head(ckpt: Path) -> list[str]:
     return dropped
 
 
-def _modifiers(session) -> list:
-    mods = []
-    for stage_mods in session.lifecycle.recipe.modifiers if hasattr(session.lifecycle.recipe, "modifiers") else []:
-        mods.append(stage_mods)
-    return mods
-
-
 def _drop_kv_scales_without_cache(model: torch.nn.Module, layer_bits: list[int | None]) -> None:
     """Layers without their own KV cache (Gemma 4 KV-shared) must not carry k/v scales."""
     import re
@@ -235,7 +247,3 @@ def _drop_kv_scales_without_cache(model: torch.nn.Module, layer_bits: list[int |
             for attr in ("k_scale", "v_scale"):
                 if hasattr(module, attr):
                     delattr(module, attr)
-
-
-def _isfinite(x: float) -> bool:
-    return math.isfinite(x)

@@ -87,22 +87,6 @@ def poison_uncalibrated_scales(model: torch.nn.Module) -> int:
     return n
 
 
-def observe_missing_weight_stats(modules) -> list[torch.nn.Module]:
-    """llmcompressor 0.12 GPTQ observes weights only for modules inside the current sequential targets
-    (decoder layers). A quantized linear outside them (Gemma 4 `per_layer_model_projection`, in the prelude
-    subgraph) reaches `quantize_weight` with an empty observer and fails ("No statistics available").
-    Observe those weights first. Returns the modules that needed it."""
-    from llmcompressor.modifiers.quantization.calibration import observe
-
-    fixed = []
-    for module in modules:
-        observer = getattr(module, "weight_observer", None)
-        if observer is not None and not observer.has_statistics:
-            observe(module, "weight")
-            fixed.append(module)
-    return fixed
-
-
 def finish_calibration_outside_layers(model: torch.nn.Module) -> list[str]:
     """Compute the qparams llmcompressor 0.12's sequential pipeline leaves uncomputed (call before observers
     are removed).

@@ -23,8 +23,8 @@ def gemma3(config, *, mlp_2bit_layers: list[int] = (), **overrides: Any) -> Mobi
         raise SchemeError(f"preset gemma3 needs a Gemma 3 config, got model_type={model_type!r}")
     by_layer = {int(i): 2 for i in mlp_2bit_layers}
     by_layer.update({int(k): v for k, v in overrides.pop("mlp_bits_by_layer", {}).items()})
-    return MobileScheme(name="gemma3", embed_bits=2, attention_bits=4, mlp_bits=4, mlp_bits_by_layer=by_layer,
-                        per_layer_bits=None, **overrides)
+    fields = dict(name="gemma3", embed_bits=2, attention_bits=4, mlp_bits=4, per_layer_bits=None)
+    return MobileScheme(**{**fields, **overrides, "mlp_bits_by_layer": by_layer})
 
 
 def _gemma4(config, name: str, ple_bits: int, shared_mlp_bits: int, **overrides: Any) -> MobileScheme:
@@ -35,8 +35,8 @@ def _gemma4(config, name: str, ple_bits: int, shared_mlp_bits: int, **overrides:
     by_layer = {i: shared_mlp_bits for i in shared}
     by_layer.update({int(k): v for k, v in overrides.pop("mlp_bits_by_layer", {}).items()})
     ple = ple_bits if getattr(tc, "hidden_size_per_layer_input", 0) else None
-    return MobileScheme(name=name, embed_bits=2, ple_bits=ple, attention_bits=4, mlp_bits=4,
-                        mlp_bits_by_layer=by_layer, per_layer_bits=8, **overrides)
+    fields = dict(name=name, embed_bits=2, ple_bits=ple, attention_bits=4, mlp_bits=4, per_layer_bits=8)
+    return MobileScheme(**{**fields, **overrides, "mlp_bits_by_layer": by_layer})
 
 
 def gemma4_e2b(config, **overrides: Any) -> MobileScheme:

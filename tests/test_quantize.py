@@ -1,0 +1,142 @@
+"""Every recipe on tiny random Gemma 3 / Gemma 4 models: what lands on disk is a standard, packed
+compressed-tensors checkpoint with our per-layer KV metadata, and it reloads to the same logits."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vllm_gemma_mobile.quantize.run import QuantizeError, calibrate, quantize, save_mobile
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+N_SAMPLES, SEQ_LEN = 8, 64
+
+
+def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in ckpt.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.fixture(scope="session")
+def mobile_tiny_gemma3(tiny_gemma3, tmp_path_factory):
+    return quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path_factory.mktemp("q") / "g3",
+                    num_samples=N_SAMPLES, seq_len=SEQ_LEN, overrides={"mlp_2bit_layers": "[1]"})
+
+
+def test_gemma3_recipe_writes_packed_checkpoint(mobile_tiny_gemma3):
+    ckpt = mobile_tiny_gemma3
+    config = json.loads((ckpt / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["kv_cache_scheme"] is None
+    assert qc["gemma_mobile"]["kv_cache"]["layer_bits"] == [8, 8, 8, 8, 8, 4]
+    assert config["tie_word_embeddings"] is True
+    t = tensors(ckpt)
+    # one table, packed 16 x 2-bit per int32, serving the tied lm_head; no dense copies
+    assert not any(k.startswith("lm_head") for k in t)
+    assert "model.embed_tokens.weight" not in t
+    v, h = t["model.embed_tokens.weight_shape"].tolist()
+    assert t["model.embed_tokens.weight_packed"].shape == (v, h // 16)
+    assert t["model.embed_tokens.weight_scale"].shape == (v, 1)
+    # 4-bit attention, 2-bit MLP in layer 1, 4-bit elsewhere
+    n, k = t["model.layers.0.self_attn.q_proj.weight_shape"].tolist()
+    assert t["model.layers.0.self_attn.q_proj.weight_packed"].shape == (n, k // 8)
+    n, k = t["model.layers.1.mlp.up_proj.weight_shape"].tolist()
+    assert t["model.layers.1.mlp.up_proj.weight_packed"].shape == (n, k // 16)
+    assert not any(k.endswith(".weight") and ("proj" in k) for k in t)
+    for i in range(6):
+        for name in ("k_scale", "v_scale"):
+            assert t[f"model.layers.{i}.self_attn.{name}"].numel() == 1
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            part = "self_attn" if proj[0] in "qkvo" else "mlp"
+            for s in ("input_scale", "output_scale"):
+                assert t[f"model.layers.{i}.{part}.{proj}.{s}"].numel() == 1
+    scales = [v.float() for k, v in t.items() if k.endswith("_scale")]
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales)
+    # int4 KV of the global layer: scale ~ absmax / 7.5, int8 ones ~ absmax / 127.5 -> visibly coarser
+    assert t["model.layers.5.self_attn.k_scale"] > 4 * t["model.layers.4.self_attn.k_scale"]
+    assert (ckpt / "tokenizer.json").exists() or (ckpt / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("recipe,shared_mlp_bits,ple_bits", [
+    ("gemma4_e2b_mobile_ptq.yaml", 2, 4), ("gemma4_e4b_mobile_ptq.yaml", 4, 2)])
+def test_gemma4_recipes(tiny_gemma4, tmp_path, recipe, shared_mlp_bits, ple_bits):
+    ckpt = quantize(tiny_gemma4, RECIPES / recipe, tmp_path / "g4", num_samples=N_SAMPLES, seq_len=SEQ_LEN)
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    kv = qc["gemma_mobile"]["kv_cache"]
+    assert kv["layer_bits"] == [8, 8, 4, 8, None, None] and kv["kv_sharing"] == {"4": 3, "5": 2}
+    t = tensors(ckpt)
+    n, k = t["model.layers.4.mlp.gate_proj.weight_shape"].tolist()
+    assert n == 2 * 128  # double-wide MLP of the KV-shared layer
+    assert t["model.layers.4.mlp.gate_proj.weight_packed"].shape == (n, k * shared_mlp_bits // 32)
+    assert "model.layers.4.self_attn.k_scale" not in t and "model.layers.3.self_attn.k_scale" in t
+    v, w = t["model.embed_tokens_per_layer.weight_shape"].tolist()
+    assert t["model.embed_tokens_per_layer.weight_packed"].shape == (v, w * ple_bits // 32)
+    assert t["model.embed_tokens_per_layer.weight_scale"].shape == (v, w // 16)  # one per (row, layer block)
+    n, k = t["model.per_layer_model_projection.weight_shape"].tolist()
+    assert t["model.per_layer_model_projection.weight_packed"].shape == (n, k // 4)  # 8-bit
+    assert not any(k.startswith("lm_head") for k in t)
+    scales = [v.float() for k, v in t.items() if k.endswith("_scale")]
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales)
+
+
+def test_embed_bits_override(tiny_gemma3, tmp_path):
+    ckpt = quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "e4", num_samples=4, seq_len=32,
+                    overrides={"embed_bits": "4"})
+    t = tensors(ckpt)
+    v, h = t["model.embed_tokens.weight_shape"].tolist()
+    assert t["model.embed_tokens.weight_packed"].shape == (v, h // 8)
+
+
+def test_roundtrip_reload_gives_identical_logits(tiny_gemma3, tmp_path):
+    """In-memory fake-quant model after calibration == transformers + compressed-tensors reload of the saved
+    checkpoint (weights, static in/out activation quant, per-layer KV quant, tied quantized lm_head)."""
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from vllm_gemma_mobile.evaluate.reference import load_reference
+
+    cal = calibrate(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", num_samples=N_SAMPLES, seq_len=SEQ_LEN)
+    ckpt = save_mobile(cal, tmp_path / "rt")
+    model = cal.model.eval()
+    emb = model.get_input_embeddings()
+    with torch.no_grad():  # the contract's lm_head: the dequantized (tied) table, no activation quant
+        table = forward_quantize(emb, emb.weight.data, "weight", emb.quantization_scheme.weights)
+        model.lm_head.weight = torch.nn.Parameter(table.clone(), requires_grad=False)
+        ids = torch.tensor([[2, 17, 45, 301, 99, 7, 512, 33, 8, 250, 13, 77, 5, 61, 200, 42, 3, 9, 90, 11]])
+        before = model(ids).logits.float()
+    reloaded, _ = load_reference(ckpt)
+    with torch.no_grad():
+        after = reloaded(ids).logits.float()
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_failed_run_leaves_existing_output_untouched(tiny_gemma3, tmp_path, monkeypatch):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "marker").write_text("previous checkpoint")
+    import vllm_gemma_mobile.quantize.run as run
+
+    def bad(model):
+        raise QuantizeError("model.layers.0.mlp.up_proj.output_scale: calibration produced an invalid scale")
+
+    monkeypatch.setattr(run, "check_scales", bad)
+    with pytest.raises(QuantizeError, match="output_scale"):
+        quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", out, num_samples=2, seq_len=16)
+    assert (out / "marker").read_text() == "previous checkpoint"
+
+
+def test_bad_recipe_inputs(tiny_gemma3, tmp_path):
+    with pytest.raises(ValueError, match="3-bit is not supported"):
+        quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "x", num_samples=2, seq_len=16,
+                 overrides={"mlp_bits": "3"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage:\n  mods:\n    QuantizationModifier:\n      scheme: W4A16\n")
+    with pytest.raises(ValueError, match="expected exactly one of"):
+        quantize(tiny_gemma3, bad, tmp_path / "y", num_samples=2, seq_len=16)
+    with pytest.raises(Exception, match="needs a Gemma 4 config"):
+        quantize(tiny_gemma3, RECIPES / "gemma4_e2b_mobile_ptq.yaml", tmp_path / "z", num_samples=2, seq_len=16)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
