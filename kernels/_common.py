@@ -3,6 +3,11 @@
 Kernels are built lazily by a factory per mode (``interpret()``: ``TRITON_INTERPRET=1`` read at *launch* time,
 not at import), so importing this package never decides the mode and CPU tests can switch the interpreter on
 for themselves only. Under the interpreter each kernel runs one fixed config (no autotuning).
+
+The kernels avoid the ``@jit`` functions of ``triton.language.standard`` (``tl.sum``, ``tl.cdiv``, ``tl.zeros``):
+those are decorated when triton is *imported*, so in a process that imported triton before setting
+``TRITON_INTERPRET=1`` they cannot run in the interpreter. ``tl.reduce(x, axis, tl.standard._sum_combine)`` is
+exactly what ``tl.sum`` compiles to, and the interpreter short-cuts it to ``np.sum``.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ def finish(acc, col_scale, offs_m, offs_n, mask_mn, n_mask, tile_id, ws_ptr, cnt
         tl.debug_barrier()
         count = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
         if count == SPLIT_K - 1:
-            total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(acc), mask=mask_mn, sem="acquire")
+            total = tl.atomic_xchg(ws_ptrs, tl.full(acc.shape, 0, acc.dtype), mask=mask_mn, sem="acquire")
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
             epilogue(total, col_scale, offs_m, offs_n, mask_mn, n_mask, bias_ptr, so_ptr, so_stride, out_ptr,
                      stride_om, HAS_BIAS, HAS_SO, INT8_OUT)

@@ -70,8 +70,8 @@ def gemm_kernel(
     OFF: tl.constexpr = 1 << (BITS - 1)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
     gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -81,18 +81,18 @@ def gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    kw_per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW
+    kw_per_split = (((KW + SPLIT_K - 1) // SPLIT_K + BLOCK_KW - 1) // BLOCK_KW) * BLOCK_KW
     kw_lo = pid_k * kw_per_split
     kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * KW
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if INT_MATH:
         s_x = tl.load(si_ptr)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        xsum = tl.full((BLOCK_M,), 0, tl.int32)
     else:
         s_x = 1.0
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
         offs_kw = kw0 + tl.arange(0, BLOCK_KW)
         kw_mask = offs_kw < kw_hi
@@ -107,7 +107,7 @@ def gemm_kernel(
                     f = ((words >> (j * BITS)) ^ 128).to(tl.int8)
                 else:
                     f = ((words >> (j * BITS)) & MASK).to(tl.int8)
-                    xsum += tl.sum(xq.to(tl.int32), axis=1)
+                    xsum += tl.reduce(xq.to(tl.int32), 1, tl.standard._sum_combine)
                 acc = tl.dot(xq, f, acc, out_dtype=tl.int32)
             else:
                 xf = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0)

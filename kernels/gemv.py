@@ -68,18 +68,18 @@ def gemv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    kw_per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), BLOCK_KW) * BLOCK_KW
+    kw_per_split = (((KW + SPLIT_K - 1) // SPLIT_K + BLOCK_KW - 1) // BLOCK_KW) * BLOCK_KW
     kw_lo = pid_k * kw_per_split
     kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * KW
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     if INT_MATH:
         s_x = tl.load(si_ptr)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        xsum = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        xsum = tl.full((BLOCK_M,), 0, tl.int32)
     else:
         s_x = 1.0
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
     for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
         offs_kw = kw0 + tl.arange(0, BLOCK_KW)
         kw_mask = offs_kw < kw_hi
@@ -91,12 +91,12 @@ def gemv_kernel(
             if INT_MATH:
                 xq = load_x_int8(x_rows + offs_k[None, :], xmask, s_x, X_INT8).to(tl.int32)
                 f = (words >> (j * BITS)) & MASK
-                acc += tl.sum(xq[:, None, :] * f[None, :, :], axis=2)
-                xsum += tl.sum(xq, axis=1)
+                acc += tl.reduce(xq[:, None, :] * f[None, :, :], 2, tl.standard._sum_combine)
+                xsum += tl.reduce(xq, 1, tl.standard._sum_combine)
             else:
                 xf = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0).to(tl.float32)
                 wf = field_to_float(words, j * BITS, BITS)
-                acc += tl.sum(xf[:, None, :] * wf[None, :, :], axis=2)
+                acc += tl.reduce(xf[:, None, :] * wf[None, :, :], 2, tl.standard._sum_combine)
     wscale = tl.load(wscale_ptr + offs_n, mask=n_mask, other=0.0)
     if INT_MATH:
         acc = acc - OFF * xsum[:, None]

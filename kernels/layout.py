@@ -100,10 +100,11 @@ class PackedWeight:
         codes = None if self.codes is None else self.codes.to(device)
         return PackedWeight(self.bits, self.shape, self.packed.to(device), self.layout, codes)
 
-    def with_codes(self) -> "PackedWeight":
-        """Cache the unpacked int8 codes ``[N, K]`` (N*K bytes) for the torch path; returns self."""
-        if self.codes is None:
-            self.codes = unpack(self)
+    def with_codes(self, dtype: torch.dtype = torch.int8) -> "PackedWeight":
+        """Cache the unpacked codes ``[N, K]`` for the torch (CPU) path, as int8 (``torch._int_mm``) or as
+        bf16 (exact; for the weight-only lm_head matmul); returns self."""
+        if self.codes is None or self.codes.dtype != dtype:
+            self.codes = unpack(self).to(dtype)
         return self
 
     def nbytes(self) -> int:

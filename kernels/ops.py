@@ -10,7 +10,9 @@ static per-tensor input scale, scalar or per-column ``[N]`` output scale.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -105,10 +107,18 @@ def embedding(
         return reference.embedding(ids, w, weight_scale, out_dtype, check)
     ws = reference.check_embedding_args(ids, w, weight_scale, check)
     out = torch.empty(ids.numel(), w.k, dtype=out_dtype, device=ids.device)
-    from . import embedding as emb
-
-    emb.launch(ids, w, ws, out)
+    _embedding_kernels().launch(ids, w, ws, out)
     return out.reshape(*ids.shape, w.k)
+
+
+def _embedding_kernels():
+    """The ``kernels/embedding.py`` module. Importing a submodule sets the package attribute of the same name,
+    which would shadow the public ``kernels.embedding`` function: put the function back."""
+    mod = importlib.import_module(__package__ + ".embedding")
+    pkg = sys.modules[__package__]
+    if getattr(pkg, "embedding", None) is mod:
+        pkg.embedding = embedding
+    return mod
 
 
 def quantize_int8(x: torch.Tensor, scale: ScaleLike) -> torch.Tensor:
