@@ -37,6 +37,7 @@ import json
 import logging
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -304,7 +305,8 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu"):
             c.tie_word_embeddings = False  # re-tied below, after decompression
             if "gemma4" in getattr(c, "model_type", ""):
                 c.allow_global_per_layer_attribute_access = True
-        with _packed_embedding_init_fix():
+        with _packed_embedding_init_fix(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, config=config, dtype=torch.bfloat16,
                 quantization_config=CompressedTensorsConfig(dequantize=True))
