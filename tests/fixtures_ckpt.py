@@ -1,0 +1,218 @@
+"""Synthetic gemma-mobile checkpoints (docs/checkpoint-format.md) written without llmcompressor, plus a small
+contract-exact fake-quant reference, for the vLLM plugin tests.
+
+`write_mobile_checkpoint(base, out, ...)` quantizes a bf16 Gemma 3 directory: weights symmetric per channel
+(`scale = absmax / ((qmax - qmin) / 2)`, `q = clamp(round(w / scale))`), static int8 input/output scales from
+a calibration forward pass (`absmax / 127`), KV scales from k/v projections, tied 2-bit embedding, and the
+`gemma_mobile` marker. `corrupt=` variants produce the bad inputs of the validation tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+LINEAR_RE = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+QMAX = {2: 1, 4: 7, 8: 127}
+
+
+def default_bits(name: str) -> int:
+    """Mixed map used by the tests: attention 4-bit (even layers) / 8-bit (odd), MLP 2-bit in layers 1 and 3, else 4-bit."""
+    m = re.search(r"layers\.(\d+)\.", name)
+    i = int(m.group(1)) if m else 0
+    if "self_attn" in name:
+        return 4 if i % 2 == 0 else 8
+    return 2 if i in (1, 3) else 4
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax, qmin = QMAX[bits], -QMAX[bits] - 1
+    scale = w.float().abs().amax(dim=1, keepdim=True) / ((qmax - qmin) / 2)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w.float() / scale), qmin, qmax).to(torch.int8)
+    return q, scale
+
+
+@torch.no_grad()
+def calibrate(model, input_ids: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """absmax of input and output of every targeted linear over one forward pass."""
+    stats: dict[str, list[float]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and LINEAR_RE.search(name):
+            def hook(m, inp, out, name=name):
+                s = stats.setdefault(name, [0.0, 0.0])
+                s[0] = max(s[0], float(inp[0].float().abs().max()))
+                s[1] = max(s[1], float(out.float().abs().max()))
+            hooks.append(mod.register_forward_hook(hook))
+    model(input_ids=input_ids)
+    for h in hooks:
+        h.remove()
+    return {k: (v[0] / 127.0, v[1] / 127.0) for k, v in stats.items()}
+
+
+def write_mobile_checkpoint(base: str | Path, out: str | Path, *, bits: Callable[[str], int] = default_bits,
+                            embed_bits: int = 2, seed: int = 0, shard_scale_jitter: bool = True,
+                            scale_dtype: torch.dtype = torch.float32, kv: bool = True,
+                            corrupt: dict[str, Any] | None = None) -> Path:
+    """Write a gemma-mobile checkpoint of the bf16 Gemma 3 model in `base` to `out`.
+
+    shard_scale_jitter: give k_proj/up_proj input scales and v_proj/gate_proj output scales that differ from
+    their fused siblings (exercises per-shard scales in qkv_proj / gate_up_proj).
+    corrupt: {"config": fn(cfg)->None} and/or {"tensors": fn(dict)->None} applied before saving.
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    base, out = Path(base), Path(out)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).eval()
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(cfg.vocab_size, 20000), (2, 48), generator=g)
+    ids[:, 0] = cfg.bos_token_id or 2
+    act = calibrate(model, ids)
+    sd = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[int, list[str]] = {}
+    for name, t in sd.items():
+        mod = name[: -len(".weight")] if name.endswith(".weight") else None
+        if name == "lm_head.weight":
+            continue  # tied
+        if mod is not None and mod in act:
+            b = bits(mod)
+            groups.setdefault(b, []).append(mod)
+            q, s = quantize_weight(t, b)
+            tensors[f"{mod}.weight_packed"] = pack_to_int32(q, b)
+            tensors[f"{mod}.weight_scale"] = s.to(scale_dtype)
+            tensors[f"{mod}.weight_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+            sx, sy = act[mod]
+            if shard_scale_jitter and mod.endswith(("k_proj", "up_proj")):
+                sx *= 1.37
+            if shard_scale_jitter and mod.endswith(("v_proj", "gate_proj")):
+                sy *= 0.71
+            tensors[f"{mod}.input_scale"] = torch.tensor([sx], dtype=torch.float32)
+            tensors[f"{mod}.output_scale"] = torch.tensor([sy], dtype=torch.float32)
+        elif name.endswith("embed_tokens.weight"):
+            q, s = quantize_weight(t, embed_bits)
+            mod = name[: -len(".weight")]
+            tensors[f"{mod}.weight_packed"] = pack_to_int32(q, embed_bits)
+            tensors[f"{mod}.weight_scale"] = s.to(scale_dtype)
+            tensors[f"{mod}.weight_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+        else:
+            tensors[name] = t.contiguous()
+    layer_types = list(cfg.layer_types)
+    layer_bits = [4 if lt == "full_attention" else 8 for lt in layer_types] if kv else None
+    if kv:
+        for i, b in enumerate(layer_bits):
+            for kind in ("k", "v"):
+                absmax = act[f"model.layers.{i}.self_attn.{kind}_proj"][1] * 127.0
+                tensors[f"model.layers.{i}.self_attn.{kind}_scale"] = torch.tensor(
+                    [absmax / QMAX[b]], dtype=torch.float32)
+    act_args = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+    config_groups: dict[str, Any] = {}
+    for b, mods in sorted(groups.items()):
+        config_groups[f"w{b}a8o8"] = {
+            "targets": [f"re:^{re.escape(m)}$" for m in mods],
+            "weights": {"num_bits": b, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False},
+            "input_activations": dict(act_args), "output_activations": dict(act_args),
+            "format": "pack-quantized"}
+    config_groups[f"embed_w{embed_bits}"] = {
+        "targets": ["re:.*embed_tokens$"],
+        "weights": {"num_bits": embed_bits, "type": "int", "symmetric": True, "strategy": "channel",
+                    "dynamic": False},
+        "format": "pack-quantized"}
+    qcfg = {
+        "quant_method": "compressed-tensors", "format": "mixed-precision", "quantization_status": "compressed",
+        "config_groups": config_groups, "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "gemma_mobile": {"version": 1, "kv_cache": {
+            "layer_bits": layer_bits,
+            "bits_by_layer_type": {"sliding_attention": 8, "full_attention": 4} if kv else None}},
+    }
+    corrupt = corrupt or {}
+    if "tensors" in corrupt:
+        corrupt["tensors"](tensors)
+    if "config" in corrupt:
+        corrupt["config"](qcfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf = json.loads((base / "config.json").read_text())
+    hf["quantization_config"] = qcfg
+    hf["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    for f in base.iterdir():
+        if f.name not in ("config.json", "model.safetensors") and f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+# ------------------------------------------------------------------ contract-exact fake-quant reference
+
+class FQLinear(torch.nn.Module):
+    """Contract numerics in exact arithmetic: int8 x, int products, f32 epilogue, int8 output requant."""
+
+    def __init__(self, q: torch.Tensor, ws: torch.Tensor, sx: float, sy: float | None):
+        super().__init__()
+        self.register_buffer("q", q.to(torch.float64))
+        self.register_buffer("ws", ws.reshape(-1).to(torch.float32))
+        self.sx, self.sy = torch.tensor(sx, dtype=torch.float32), None if sy is None else torch.tensor(sy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = torch.clamp(torch.round(x.float() / self.sx), -128, 127)
+        acc = (xq.double() @ self.q.t()).float()  # exact integers
+        y = acc * (self.sx * self.ws)
+        if self.sy is not None:
+            y = torch.clamp(torch.round(y / self.sy), -128, 127) * self.sy
+        return y.to(x.dtype)
+
+
+def fake_quant_reference(ckpt: str | Path):
+    """HF Gemma 3 model whose quantized linears / embedding follow the contract exactly (KV unquantized)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_gemma_mobile.vllm.cpu_ops import unpack_codes
+
+    ckpt = Path(ckpt)
+    cfg = AutoConfig.from_pretrained(ckpt)
+    qcfg = cfg.quantization_config
+    del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    t = load_file(str(ckpt / "model.safetensors"))
+    bits_of: dict[str, int] = {}
+    for gname, grp in qcfg["config_groups"].items():
+        for mod in {k.rsplit(".", 1)[0] for k in t if k.endswith(".weight_packed")}:
+            if mod not in bits_of and any(re.match(x[3:], mod) if x.startswith("re:") else x == mod
+                                          for x in grp["targets"]):
+                bits_of[mod] = grp["weights"]["num_bits"]
+    plain = {k: v for k, v in t.items() if not k.rsplit(".", 1)[-1] in
+             ("weight_packed", "weight_scale", "weight_shape", "input_scale", "output_scale", "k_scale", "v_scale")}
+    missing, _ = model.load_state_dict(plain, strict=False)
+    for mod, b in bits_of.items():
+        n, k = t[f"{mod}.weight_shape"].tolist()
+        q = unpack_codes(t[f"{mod}.weight_packed"], b, k)
+        ws = t[f"{mod}.weight_scale"].float()
+        if mod.endswith("embed_tokens"):
+            emb = model.get_submodule(mod)
+            emb.weight.data.copy_((q.float() * ws).to(torch.bfloat16))
+            continue
+        parent, child = mod.rsplit(".", 1)
+        sy = t.get(f"{mod}.output_scale")
+        setattr(model.get_submodule(parent), child,
+                FQLinear(q, ws, float(t[f"{mod}.input_scale"]), None if sy is None else float(sy)))
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tok = AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
+    return model, tok
+
+
+@torch.no_grad()
+def greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,124 @@
+"""Quantized embedding table that also serves the tied lm_head, from ONE copy in memory.
+
+Numerics (docs/checkpoint-format.md):
+    embedding:  E[t, :] = q[t, :] * weight_scale[t]   (float32 product, cast once to the activation dtype)
+                Gemma's sqrt(hidden_size) normalizer is applied by vLLM's Gemma3Model.embed_input_ids, not here.
+    lm_head:    logits = h @ (q * weight_scale)^T      weight-only, h in the activation dtype, float logits
+                (no activation quantization).
+CPU backend: the codes live in cpu_gemm_wna16's blocked uint4b8 layout (2-bit codes in 4-bit containers,
+4 bits/weight; 8-bit tables are rejected on this backend); `cpu_ops.gather_rows` reads embedding rows from it.
+The lm_head multiplies by bf16 copies of the scales (see cpu_ops docstring); the embedding uses the f32 ones.
+Other backends hold a `kernels.layout.PackedWeight` and call `kernels.ops.embedding` / `kernels.ops.linear`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, PackedvLLMParameter
+
+from vllm_gemma_mobile.vllm import cpu_ops
+from vllm_gemma_mobile.vllm.linear import backend
+
+logger = init_logger(__name__)
+
+
+class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
+    """Weight-only 2/4/8-bit per-row table for `VocabParallelEmbedding` and (tied) `ParallelLMHead`."""
+
+    def __init__(self, bits: int, tied_lm_head: bool = False):
+        if bits not in (2, 4, 8):
+            raise ValueError(f"gemma_mobile embedding: unsupported weight bits {bits}")
+        self.bits = bits
+        self.pack_factor = 32 // bits
+        self.tied_lm_head = tied_lm_head
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        layer.gm_k = input_size_per_partition
+        if self.tied_lm_head:
+            return  # tie_weights() points this lm_head at the embedding's table; nothing to allocate
+        weight_loader = extra_weight_attrs["weight_loader"]
+        v, k = sum(output_partition_sizes), input_size_per_partition
+        layer.register_parameter("weight_packed", PackedvLLMParameter(
+            input_dim=1, output_dim=0, packed_dim=1, packed_factor=self.pack_factor,
+            weight_loader=weight_loader, data=torch.zeros(v, -(-k * self.bits // 32), dtype=torch.int32)))
+        layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
+            output_dim=0, weight_loader=weight_loader, data=torch.zeros(v, 1, dtype=torch.float32)))
+        layer.register_parameter("weight_shape", BasevLLMParameter(
+            data=torch.zeros(2, dtype=torch.int64), weight_loader=weight_loader))
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
+        if not isinstance(embed_tokens.quant_method, GemmaMobileEmbeddingMethod):
+            raise ValueError("gemma_mobile: tied lm_head needs a gemma_mobile-quantized embed_tokens, got "
+                             f"{type(embed_tokens.quant_method).__name__}")
+        # a plain list, so the embedding module is not registered twice as a submodule
+        layer.gm_source = [embed_tokens]
+        return layer
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if getattr(layer, "gm_source", None) is not None or self.tied_lm_head:
+            return  # tied lm_head: uses the embedding's processed table
+        k = layer.gm_k
+        ws = layer.weight_scale.data.reshape(-1).to(torch.float32)
+        org_v = int(getattr(layer, "org_vocab_size", ws.numel()))
+        live = ws[:org_v]
+        if not (torch.isfinite(live).all() and (live > 0).all()):
+            bad = int((~torch.isfinite(live) | (live <= 0)).nonzero()[0])
+            raise ValueError(f"gemma_mobile: {getattr(layer, 'prefix', 'embedding')}.weight_scale[{bad}] = "
+                             f"{float(live[bad])}; scales must be positive and finite")
+        layer.gm_backend = backend(layer.weight_packed.device)
+        codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
+        if layer.gm_backend == "cpu":
+            if self.bits > 4:
+                raise ValueError("gemma_mobile: the CPU backend serves 2/4-bit embedding tables (4-bit "
+                                 f"cpu_gemm_wna16 containers); this checkpoint has {self.bits}-bit")
+            layer.gm_table = cpu_ops.to_wna16_table(codes)
+            layer.gm_scale_f32 = ws.contiguous()
+            layer.gm_scale_row = ws.to(layer.params_dtype).view(1, -1).contiguous()
+            layer.gm_isa = cpu_ops.wna16_isa(layer.gm_scale_row.dtype)
+        else:
+            from kernels.layout import from_compressed_tensors
+
+            layer.gm_packed = from_compressed_tensors(layer.weight_packed.data, self.bits, (ws.numel(), k))
+            layer.gm_scale_f32 = ws.contiguous()
+        del codes
+        for name in ("weight_packed", "weight_scale", "weight_shape"):
+            delattr(layer, name)
+
+    @staticmethod
+    def _src(layer: torch.nn.Module) -> torch.nn.Module:
+        src = getattr(layer, "gm_source", None)
+        return src[0] if src is not None else layer
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        src = self._src(layer)
+        ids = input_.reshape(-1)
+        dtype = layer.params_dtype
+        if src.gm_backend == "cpu":
+            q = cpu_ops.gather_rows(src.gm_table, ids, src.gm_k)
+            out = (q.to(torch.float32) * src.gm_scale_f32[ids].unsqueeze(1)).to(dtype)
+        else:
+            from kernels import ops as kops
+
+            out = kops.embedding(ids, src.gm_packed, src.gm_scale_f32).to(dtype)
+        return out.reshape(*input_.shape, src.gm_k)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        src = self._src(layer)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if src.gm_backend == "cpu":
+            out = cpu_ops.wna16_matmul(x2.contiguous(), src.gm_table, src.gm_scale_row, src.gm_isa)
+        else:
+            from kernels import ops as kops
+
+            out = kops.linear(x2, src.gm_packed, src.gm_scale_f32, None, None, bias=None,
+                              backend=src.gm_backend).to(x.dtype)
+        if bias is not None:
+            out = out + bias
+        return out.reshape(*shape[:-1], out.shape[-1])

@@ -1,0 +1,182 @@
+"""Linear method for wNa8o8 layers: 2/4/8-bit symmetric per-channel weights, static int8 input AND output.
+
+Numerics (docs/checkpoint-format.md), per shard of a fused layer with its own `s_x`, `s_y`:
+    x_q = clamp(round_half_even(x / s_x), -128, 127)                       int8
+    acc = x_q @ q^T                                                        int32, exact
+    y   = acc * (s_x * weight_scale[n]) (+ bias)                           float32
+    out = clamp(round_half_even(y / s_y), -128, 127) * s_y                 float32 -> activation dtype
+Fused layers (qkv_proj, gate_up_proj) keep one input/output scale per shard (`PerTensorScaleParameter`).
+Shards whose input scales are equal share one int8 quantization of x and one GEMM; otherwise each run of
+equal-scale shards gets its own quantization and GEMM. Output scales become a per-column vector.
+
+Backends (chosen once per layer in `process_weights_after_loading`, see `backend()`):
+  cpu    vLLM's oneDNN int8 GEMM (int8 codes prepacked by oneDNN; no float weight copy) — default on CPU.
+  triton / torch   `kernels.ops.linear` on the packed weight (`kernels.layout.PackedWeight`) — default
+         "triton" on CUDA; `GEMMA_MOBILE_BACKEND=triton|torch` forces it (CI: TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    ChannelQuantScaleParameter,
+    PackedvLLMParameter,
+    PerTensorScaleParameter,
+)
+
+from vllm_gemma_mobile.vllm import cpu_ops
+
+logger = init_logger(__name__)
+
+BACKENDS = ("cpu", "triton", "torch")
+
+
+def backend(device: torch.device | None = None) -> str:
+    """`GEMMA_MOBILE_BACKEND` if set, else "triton" on CUDA and "cpu" (vLLM oneDNN/WNA16 kernels) on CPU."""
+    forced = os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"GEMMA_MOBILE_BACKEND={forced!r}: expected one of {BACKENDS}")
+        return forced
+    if device is not None and device.type == "cuda":
+        return "triton"
+    if device is None or device.type == "cpu":
+        if not cpu_ops.have_cpu_kernels():
+            raise RuntimeError("gemma_mobile: vLLM's CPU kernels (oneDNN int8 GEMM, cpu_gemm_wna16) are "
+                               "missing from this vLLM build; set GEMMA_MOBILE_BACKEND=torch to use the "
+                               "(slow) torch reference ops instead")
+        return "cpu"
+    return "triton"
+
+
+def _runs(values: list[float]) -> list[tuple[int, int]]:
+    """Index ranges [start, end) of consecutive equal values."""
+    out, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out.append((start, i))
+            start = i
+    return out
+
+
+@register_weight_loader_v2_supported_method
+class GemmaMobileLinearMethod(LinearMethodBase):
+    """wNa8o8 linear (see module docstring). `bits` in {2, 4, 8}."""
+
+    def __init__(self, bits: int, has_output_scale: bool = True):
+        if bits not in (2, 4, 8):
+            raise ValueError(f"gemma_mobile linear: unsupported weight bits {bits}")
+        self.bits = bits
+        self.pack_factor = 32 // bits
+        self.has_output_scale = has_output_scale
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+        weight_loader = extra_weight_attrs["weight_loader"]
+        n = sum(output_partition_sizes)
+        k = input_size_per_partition
+        if k % self.pack_factor and input_size != input_size_per_partition:
+            raise ValueError(f"gemma_mobile: row-parallel partition K={k} is not a multiple of the "
+                             f"{self.bits}-bit pack factor {self.pack_factor}")
+        layer.gm_k = k
+        layer.gm_shards = list(output_partition_sizes)
+        layer.register_parameter("weight_packed", PackedvLLMParameter(
+            input_dim=1, output_dim=0, packed_dim=1, packed_factor=self.pack_factor,
+            weight_loader=weight_loader,
+            data=torch.empty(n, -(-k * self.bits // 32), dtype=torch.int32)))
+        # float32 so that f32 checkpoint scales are not rounded to bf16 on load
+        layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
+            output_dim=0, weight_loader=weight_loader, data=torch.empty(n, 1, dtype=torch.float32)))
+        layer.register_parameter("weight_shape", BasevLLMParameter(
+            data=torch.zeros(2, dtype=torch.int64), weight_loader=weight_loader))
+        names = ["input_scale"] + (["output_scale"] if self.has_output_scale else [])
+        for name in names:
+            # one slot per shard; NaN marks "not loaded" so that a missing scale fails loudly
+            layer.register_parameter(name, PerTensorScaleParameter(
+                data=torch.full((len(output_partition_sizes),), float("nan"), dtype=torch.float32),
+                weight_loader=weight_loader))
+
+    # ------------------------------------------------------------------ load-time conversion
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        prefix = getattr(layer, "prefix", None) or layer.__class__.__name__
+        k, shards = layer.gm_k, layer.gm_shards
+        s_x = layer.input_scale.data.clone()
+        s_y = layer.output_scale.data.clone() if self.has_output_scale else None
+        for name, s in (("input_scale", s_x), ("output_scale", s_y)):
+            if s is None:
+                continue
+            bad = ~torch.isfinite(s) | (s <= 0)
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"gemma_mobile: {prefix}.{name}[shard {i}] = {float(s[i])} (missing, zero, "
+                                 "negative or non-finite); static activation scales must be positive")
+        ws = layer.weight_scale.data.reshape(-1).to(torch.float32)
+        if not (torch.isfinite(ws).all() and (ws > 0).all()):
+            raise ValueError(f"gemma_mobile: {prefix}.weight_scale has zero/negative/non-finite entries")
+        self.backend = backend(layer.weight_packed.device)
+        layer.gm_backend = self.backend
+        col_scale = None
+        if s_y is not None:
+            col_scale = torch.cat([s_y[i].expand(n) for i, n in enumerate(shards)]) if len(shards) > 1 \
+                else s_y.reshape(())
+            if len(shards) > 1 and bool((s_y == s_y[0]).all()):
+                col_scale = s_y[0].reshape(())
+        groups = _runs(s_x.tolist())
+        offsets = [0]
+        for n in shards:
+            offsets.append(offsets[-1] + n)
+        layer.gm_groups = [(offsets[a], offsets[b], float(s_x[a])) for a, b in groups]
+        layer.gm_output_scale = col_scale
+        if len(groups) > 1:
+            logger.debug("%s: %d input-scale groups over shards %s", prefix, len(groups), shards)
+
+        if self.backend == "cpu":
+            codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
+            layer.gm_gemms = [cpu_ops.OneDNNInt8GEMM(codes[a:b], ws[a:b], sx) for a, b, sx in layer.gm_groups]
+            del codes
+        else:
+            from kernels.layout import from_compressed_tensors
+
+            layer.gm_packed = [
+                from_compressed_tensors(layer.weight_packed.data[a:b].contiguous(), self.bits, (b - a, k))
+                for a, b, _ in layer.gm_groups]
+            layer.gm_wscale = [ws[a:b].contiguous() for a, b, _ in layer.gm_groups]
+            layer.gm_sx = [torch.tensor(sx, dtype=torch.float32, device=ws.device) for _, _, sx in layer.gm_groups]
+        # the original packed tensor is no longer needed (cpu: oneDNN holds the int8 codes; other backends
+        # hold PackedWeight objects built from it)
+        for name in ("weight_packed", "weight_scale", "weight_shape", "input_scale", "output_scale"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+
+    # ------------------------------------------------------------------ forward
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if layer.gm_backend == "cpu":
+            ys = []
+            for gemm in layer.gm_gemms:
+                ys.append(gemm(gemm.quantize_input(x2)))
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            if bias is not None:
+                y += bias.to(torch.float32)
+            out = cpu_ops.requant_int8(y, layer.gm_output_scale, x.dtype) if layer.gm_output_scale is not None \
+                else y.to(x.dtype)
+        else:
+            from kernels import ops as kops
+
+            outs = []
+            osc = layer.gm_output_scale
+            for i, (a, b, _) in enumerate(layer.gm_groups):
+                oscale = None if osc is None else (osc if osc.ndim == 0 else osc[a:b])
+                outs.append(kops.linear(x2, layer.gm_packed[i], layer.gm_wscale[i], layer.gm_sx[i], oscale,
+                                        bias=None if bias is None else bias[a:b], backend=layer.gm_backend))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+            out = out.to(x.dtype)
+        return out.reshape(*shape[:-1], out.shape[-1])
