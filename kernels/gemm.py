@@ -29,12 +29,15 @@ SPLITK_MAX_M = 64  # split-K configs are only considered up to this M (workspace
 
 
 def _configs(small_m: bool) -> list[triton.Config]:
+    """Config lists checked for zero register spills on sm_90 (``python -m kernels.compile_check --all``).
+    Small M (fused bf16 -> int8 quantization, mma.sync): BLOCK_M <= 32, split-K for occupancy. Large M
+    (pre-quantized int8 x, wgmma): 64/128-row tiles."""
     if small_m:
         rows = [(16, 64, 32, 1, 4, 4), (16, 128, 32, 1, 4, 4), (16, 64, 64, 4, 4, 3), (16, 128, 32, 4, 4, 4),
-                (32, 64, 32, 2, 4, 4), (64, 128, 32, 2, 4, 3), (64, 64, 64, 1, 4, 3), (16, 64, 32, 8, 4, 4)]
+                (32, 64, 32, 2, 4, 4), (32, 128, 32, 1, 8, 3), (16, 64, 32, 8, 4, 4)]
     else:
-        rows = [(128, 128, 32, 1, 8, 3), (128, 64, 32, 1, 4, 4), (64, 128, 32, 1, 4, 4), (128, 256, 32, 1, 8, 3),
-                (64, 64, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3)]
+        rows = [(128, 64, 32, 1, 4, 4), (128, 64, 32, 1, 4, 3), (64, 128, 32, 1, 8, 3), (64, 64, 32, 1, 4, 4),
+                (64, 128, 64, 1, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": sk, "GROUP_M": 8},
                           num_warps=w, num_stages=s) for bm, bn, bkw, sk, w, s in rows]
 
@@ -98,7 +101,7 @@ def gemm_kernel(
         kw_mask = offs_kw < kw_hi
         words = tl.load(w_cols + offs_kw[:, None], mask=kw_mask[:, None] & n_mask[None, :], other=0)
         kbase = (offs_kw // WG) * GK + (offs_kw % WG)
-        for j in tl.static_range(PACK):
+        for j in range(PACK):  # not unrolled: unrolling all fields spills registers (16 dots for int2)
             offs_k = kbase + j * WG
             xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
             if INT_MATH:
@@ -129,6 +132,31 @@ def gemm_kernel(
              bias_ptr, so_ptr, so_stride, out_ptr, stride_om, SPLIT_K, HAS_BIAS, HAS_SO, INT8_OUT)
 
 
+def quant_kernel(x_ptr, out_ptr, si_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """x[m, k] (bf16/f16/f32) -> int8 clamp(rne(x / s_x)), once, for the large-M GEMM (whose N-tiles would
+    otherwise each redo the IEEE division of the same activations)."""
+    pid_m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    xq = load_x_int8(x_ptr + pid_m.to(tl.int64) * stride_xm + offs, mask, tl.load(si_ptr), False)
+    tl.store(out_ptr + pid_m.to(tl.int64) * K + offs, xq, mask=mask)
+
+
+@functools.cache
+def _build_quant(interpret_mode: bool):
+    return C.jit_kernel(quant_kernel, interpret_mode)
+
+
+def quantize_rows(x2: torch.Tensor, si: torch.Tensor) -> torch.Tensor:
+    """Triton ``quantize_int8`` of a [M, K] row-strided activation (same numerics as the reference)."""
+    m, k = x2.shape
+    out = torch.empty(m, k, dtype=torch.int8, device=x2.device)
+    block = 256 if C.interpret() else 1024
+    _build_quant(C.interpret())[(m, triton.cdiv(k, block))](x2, out, si, k, x2.stride(0), BLOCK_K=block,
+                                                            **C.launch_opts())
+    return out
+
+
 @functools.cache
 def _build(interpret_mode: bool, small_m: bool):
     if interpret_mode:
@@ -157,6 +185,8 @@ def launch(
         cfg.update(config or {})
         if cfg["SPLIT_K"] > 1 and (not int_math or not small_m):
             raise ValueError("split-K is only for the integer path with M <= %d" % SPLITK_MAX_M)
+    if int_math and not small_m and x2.dtype != torch.int8:
+        x2 = quantize_rows(x2, si)  # large M: quantize once, then int8 loads (half the activation bytes)
     if int_math and small_m:
         work, cnt = C.splitk_workspace(dev, m, n, triton.cdiv(n, 16) * triton.cdiv(m, 16))
     else:

@@ -252,6 +252,7 @@ CASES = [
     (4, 70, 17, 96, None, None, torch.bfloat16, ("so", "wo")),
     (2, 130, 20, 48, None, {"BLOCK_M": 32, "BLOCK_N": 32}, torch.bfloat16, ("i8",)),
     (8, 300, 9, 40, None, {"BLOCK_M": 64, "BLOCK_N": 16}, torch.bfloat16, ("col", "wo")),
+    (4, 8, 24, 100, "gemm", None, torch.float16, ("wo", "so")),  # f16 x: the bf16/f16 tensor-core dot branch
 ]
 
 
@@ -347,6 +348,21 @@ def test_triton_round_half_even_ties(kernel, triton_env):
     y = linear(x.to(DEVICE), w.to(DEVICE), ws.to(DEVICE), 0.25, 0.5, backend="triton", int8_out=True, kernel=kernel)
     assert torch.equal(y.cpu().long(), q_want)
     assert torch.equal(R.linear(x, w, ws, 0.25, 0.5, int8_out=True).long(), q_want)
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_triton_fp16_output(kernel, triton_env):
+    """f16 output: RNE on the GPU (exact match); the interpreter's f32->f16 conversion truncates, so on CPU the
+    bound is one f16 ulp (2^-10 relative). bf16/f32 outputs are exact on both (tested above)."""
+    codes, w, ws, x, bias, si, so, so_col = _inputs(4, 3, 20, 80, torch.float16, seed=13)
+    x, wd, ws_d, si_d, so_d = _to(DEVICE, x, w.to(DEVICE), ws, si, so_col)
+    y = linear(x, wd, ws_d, si_d, so_d, backend="triton", kernel=kernel)
+    yr = R.linear(x.cpu(), w, ws, si, so_col)
+    assert y.dtype == yr.dtype == torch.float16
+    if ON_CPU:
+        assert ((y.cpu().float() - yr.float()).abs() <= yr.float().abs() * 2 ** -10).all()
+    else:
+        assert torch.equal(y.cpu(), yr)
 
 
 def test_triton_splitk_workspace_self_cleans(triton_env):
