@@ -385,3 +385,21 @@ def test_evaluate_self_and_mobile(tiny_gemma3, mobile3):
     assert mob["kl_mean"] > 1e-3 and 50 < mob["greedy_agreement_pct"] <= 100
     assert math.isfinite(mob["perplexity"]["model"]) and mob["perplexity"]["model"] != mob["perplexity"]["reference"]
     assert mob["model_info"]["kind"] == "mobile" and mob["model_info"]["kv_bits"] == [8, 8, 8, 8, 8, 4]
+
+
+def test_project_quantize_output_is_a_valid_reference(tiny_gemma3, tmp_path):
+    """The project's own pipeline (quantize/run.py: llmcompressor GPTQ + static scales) -> load_reference with
+    activation and per-layer KV fake quant -> report and evaluate."""
+    from vllm_gemma_mobile.evaluate.quality import evaluate
+    from vllm_gemma_mobile.quantize.run import quantize
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "gemma3_mobile_ptq.yaml"
+    ckpt = quantize(tiny_gemma3, recipe, tmp_path / "q", num_samples=8, seq_len=64)
+    model, _ = load_reference(ckpt)
+    info = model.gemma_mobile_reference
+    assert info["kind"] == "mobile" and info["kv_bits"] == [8, 8, 8, 8, 8, 4] and info["input_quantized"] == 42
+    del model
+    r = report(ckpt)
+    assert sum(r["bytes"].values()) == r["tensor_bytes"] and r["bits_per_parameter"]["embeddings"] == 2.0
+    res = evaluate(ckpt, tiny_gemma3, text=data.evaluation_text(20000), max_tokens=126, seq_len=64)
+    assert res["tokens"] == 126 and res["kl_mean"] > 0 and math.isfinite(res["perplexity"]["model"])

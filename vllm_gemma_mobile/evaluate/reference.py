@@ -100,9 +100,26 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def default_kv_sharing(text_config: dict) -> dict[int, int]:
+    """Gemma 4: each of the last `num_kv_shared_layers` layers reads the KV of the last non-shared layer of the
+    same attention type (what transformers' `store_full_length_kv` / `shared_kv_states` implement)."""
+    n = text_config["num_hidden_layers"]
+    shared = int(text_config.get("num_kv_shared_layers") or 0)
+    types = text_config.get("layer_types") or ["full_attention"] * n
+    first = n - shared
+    out = {}
+    for i in range(first, n):
+        src = [j for j in range(first) if types[j] == types[i]]
+        if not src:
+            raise ValueError(f"KV-shared layer {i} ({types[i]}) has no earlier layer of the same type")
+        out[i] = src[-1]
+    return out
+
+
 def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:
-    """Per-layer `KVSpec` from `gemma_mobile.kv_cache` (`layer_bits`, optional `kv_sharing`) and the
-    `layers.i.self_attn.k_scale` / `v_scale` tensors. Raises `ScaleError` naming a missing or invalid tensor."""
+    """Per-layer `KVSpec` from `gemma_mobile.kv_cache.layer_bits` and the `layers.i.self_attn.k_scale` /
+    `v_scale` tensors; KV-shared layers (Gemma 4, `default_kv_sharing`; `kv_cache.kv_sharing` must agree) get
+    their source layer's spec. Raises `ScaleError` naming a missing or invalid tensor."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
@@ -110,7 +127,14 @@ def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:
     if not kv or "layer_bits" not in kv:
         raise ValueError(f"{model_dir}: quantization_config.gemma_mobile.kv_cache.layer_bits is missing")
     layer_bits: list[int | None] = list(kv["layer_bits"])
-    sharing = {int(k): int(v) for k, v in (kv.get("kv_sharing") or {}).items()}
+    raw = read_config(model_dir)
+    text = raw.get("text_config", raw)
+    if len(layer_bits) != text["num_hidden_layers"]:
+        raise ValueError(f"kv_cache.layer_bits has {len(layer_bits)} entries for {text['num_hidden_layers']} layers")
+    sharing = default_kv_sharing(text)
+    if kv.get("kv_sharing") is not None and {int(k): int(v) for k, v in kv["kv_sharing"].items()} != sharing:
+        raise ValueError(f"kv_cache.kv_sharing {kv['kv_sharing']} disagrees with the model, whose KV-shared layers "
+                         f"read {sharing}")
     found: dict[tuple[int, str], tuple[str, Path]] = {}
     prefix = "model."
     for f in _safetensors_files(model_dir):
@@ -125,11 +149,10 @@ def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:
             tensors[(layer, kind)] = st.get_tensor(key)
     specs: dict[int, KVSpec] = {}
     for i, bits in enumerate(layer_bits):
-        src = sharing.get(i, i)
-        if bits is None and src == i:
-            raise ValueError(f"layer {i} has no KV bits (null) but is not listed in kv_cache.kv_sharing")
+        if i in sharing:
+            continue  # reads its source layer's (already quantized) KV; gets the source's spec below
         if bits is None:
-            continue
+            raise ValueError(f"layer {i} owns a KV cache but kv_cache.layer_bits[{i}] is null")
         if bits not in (2, 4, 8):
             raise ValueError(f"kv_cache.layer_bits[{i}] = {bits}: expected 2, 4 or 8")
         scales = {}
