@@ -158,8 +158,18 @@ def run_case(label: str, k: int, n: int, bits: int, m: int, bench, kind: str, gl
 
 def smoke(out: str) -> dict:
     """CPU: one tiny shape per kernel family through the Triton interpreter, parity vs the torch reference."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        os.environ["TRITON_INTERPRET"] = "1"  # read at launch time by kernels._common
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read at launch time by kernels._common
+    try:
+        return _smoke(out)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _smoke(out: str) -> dict:
     g = torch.Generator().manual_seed(0)
     results = []
     for bits, m, n, k, kernel in [(2, 1, 24, 136, "gemv"), (4, 20, 24, 72, "gemm"), (8, 2, 16, 40, "gemm")]:

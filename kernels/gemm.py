@@ -57,6 +57,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 16, "SPLIT_K": 1, "GROUP_M": 4}
+# base of an explicit ``config`` on a GPU (int8 ``tl.dot`` needs K >= 32 per dot: BLOCK_KW >= 32)
+GPU_DEFAULT_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_KW": 32, "SPLIT_K": 1, "GROUP_M": 8}
 
 
 def gemm_kernel(
@@ -163,7 +165,7 @@ def _build(interpret_mode: bool, small_m: bool):
         return C.jit_kernel(gemm_kernel, interpret_mode)
     return triton.autotune(
         configs=_configs(small_m), key=["M_BUCKET", "N", "KW", "BITS", "INT_MATH", "X_INT8", "X_F32"],
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20,
     )(C.jit_kernel(gemm_kernel, interpret_mode))
 
 
@@ -181,8 +183,10 @@ def launch(
     kern = _build(interp, small_m)
     cfg = None
     if interp or config is not None:
-        cfg = dict(INTERPRET_CONFIG)
+        cfg = dict(INTERPRET_CONFIG if interp else GPU_DEFAULT_CONFIG, **({} if small_m else {"BLOCK_M": 64}))
         cfg.update(config or {})
+        if not interp and cfg["BLOCK_KW"] < 32:
+            raise ValueError("BLOCK_KW must be >= 32 on a GPU (int8 tl.dot K)")
         if cfg["SPLIT_K"] > 1 and (not int_math or not small_m):
             raise ValueError("split-K is only for the integer path with M <= %d" % SPLITK_MAX_M)
     if int_math and not small_m and x2.dtype != torch.int8:

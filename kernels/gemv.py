@@ -48,6 +48,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_KW": 16}
+GPU_DEFAULT_CONFIG = {"BLOCK_N": 64, "BLOCK_KW": 32}  # base of an explicit ``config`` on a GPU
 
 
 def gemv_kernel(
@@ -115,8 +116,7 @@ def _build(interpret_mode: bool):
         return C.jit_kernel(gemv_kernel, interpret_mode)
     return triton.autotune(
         configs=_configs(), key=["M_BUCKET", "N", "KW", "BITS", "INT_MATH", "X_INT8"],
-        prune_configs_by={"early_config_prune": _prune},
-        reset_to_zero=None,
+        prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20,
     )(C.jit_kernel(gemv_kernel, interpret_mode))
 
 
@@ -136,7 +136,7 @@ def launch(
     interp = C.interpret()
     kern = _build(interp)
     if interp or config is not None:
-        cfg = dict(INTERPRET_CONFIG, SPLIT_K=1)
+        cfg = dict(INTERPRET_CONFIG if interp else GPU_DEFAULT_CONFIG, SPLIT_K=1)
         cfg.update(config or {})
     else:
         cfg = None
