@@ -137,6 +137,12 @@ class GemmaMobileLinearMethod(LinearMethodBase):
         if len(groups) > 1:
             logger.debug("%s: %d input-scale groups over shards %s", prefix, len(groups), shards)
 
+        # Row-parallel under TP: the output requantization must see the all-reduced sum, so this method
+        # reduces the float32 partial sums itself and the layer must not reduce again.
+        layer.gm_allreduce = bool(getattr(layer, "tp_size", 1) > 1 and getattr(layer, "input_is_parallel", False)
+                                  and getattr(layer, "reduce_results", False) and s_y is not None)
+        if layer.gm_allreduce:
+            layer.reduce_results = False
         if self.backend == "cpu":
             codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
             layer.gm_gemms = [cpu_ops.OneDNNInt8GEMM(codes[a:b], ws[a:b], sx) for a, b, sx in layer.gm_groups]
@@ -164,6 +170,11 @@ class GemmaMobileLinearMethod(LinearMethodBase):
             for gemm in layer.gm_gemms:
                 ys.append(gemm(gemm.quantize_input(x2)))
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+            if layer.gm_allreduce:
+                from vllm.distributed import tensor_model_parallel_all_reduce
+
+                y = tensor_model_parallel_all_reduce(y)
+                bias = getattr(layer, "bias", None) if not layer.skip_bias_add else None  # every rank, once
             if bias is not None:
                 y += bias.to(torch.float32)
             out = cpu_ops.requant_int8(y, layer.gm_output_scale, x.dtype) if layer.gm_output_scale is not None \
@@ -171,6 +182,9 @@ class GemmaMobileLinearMethod(LinearMethodBase):
         else:
             from kernels import ops as kops
 
+            if layer.gm_allreduce:
+                raise NotImplementedError("gemma_mobile: tensor-parallel row-parallel layers are only "
+                                          "implemented on the cpu backend")
             outs = []
             osc = layer.gm_output_scale
             for i, (a, b, _) in enumerate(layer.gm_groups):
