@@ -100,7 +100,6 @@ def test_roundtrip_reload_gives_identical_logits(tiny_gemma3, tmp_path):
     from vllm_gemma_mobile.evaluate.reference import load_reference
 
     cal = calibrate(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", num_samples=N_SAMPLES, seq_len=SEQ_LEN)
-    ckpt = save_mobile(cal, tmp_path / "rt")
     model = cal.model.eval()
     emb = model.get_input_embeddings()
     with torch.no_grad():  # the contract's lm_head: the dequantized (tied) table, no activation quant
@@ -108,6 +107,7 @@ def test_roundtrip_reload_gives_identical_logits(tiny_gemma3, tmp_path):
         model.lm_head.weight = torch.nn.Parameter(table.clone(), requires_grad=False)
         ids = torch.tensor([[2, 17, 45, 301, 99, 7, 512, 33, 8, 250, 13, 77, 5, 61, 200, 42, 3, 9, 90, 11]])
         before = model(ids).logits.float()
+    ckpt = save_mobile(cal, tmp_path / "rt")  # compresses the in-memory model: logits first
     reloaded, _ = load_reference(ckpt)
     with torch.no_grad():
         after = reloaded(ids).logits.float()

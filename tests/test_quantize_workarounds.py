@@ -55,8 +55,10 @@ def test_gemma4_needs_per_layer_attribute_access(tiny_gemma4, monkeypatch):
         calibrate(tiny_gemma4, G4, num_samples=2, seq_len=16)
 
 
-def test_gemma4_kv_sharing_breaks_the_sequential_pipeline(tiny_gemma4):
-    with pytest.raises(KeyError, match="sliding_attention|full_attention"):
+def test_gemma4_breaks_the_sequential_pipeline(tiny_gemma4):
+    """Sequential fails on Gemma 4 twice over: GPTQ of the prelude's per_layer_model_projection finds no weight
+    statistics, and the KV-shared layers lose `shared_kv_states` between subgraphs (KeyError)."""
+    with pytest.raises((KeyError, AssertionError), match="sliding_attention|full_attention|No statistics"):
         calibrate(tiny_gemma4, G4, num_samples=2, seq_len=16, pipeline="sequential")
     assert workarounds.calibration_pipeline(__import__("transformers").AutoConfig.from_pretrained(tiny_gemma4)) \
         == "basic"

@@ -13,8 +13,8 @@
      weight dtype and transformers casts the checkpoint's f32 into them), so the reference computes it in bf16.
   2. KV cache fake quant (what compressed-tensors cannot express: per-layer bits): for every attention layer,
      keys and values as cached (after k_norm and RoPE; v after v_norm for Gemma 4) become
-     `clamp(round(k / k_scale), -2^(b-1), 2^(b-1)-1) * k_scale` with `b = layer_bits[i]`, computed in f32 and
-     cast back to the activation dtype. It is applied where attention reads K/V (a registered attention
+     `clamp(round(k / k_scale), -2^(b-1), 2^(b-1)-1) * k_scale` with `b = layer_bits[i]`, computed in the
+     activation dtype (bf16), as compressed-tensors' own KV fake quant does. It is applied where attention reads K/V (a registered attention
      function wrapping the model's own sdpa/eager one); since the quantizer is idempotent this equals quantizing
      once at cache-write time. Gemma 4 KV-shared layers read the source layer's K/V and use its scales/bits.
   3. Every scale (weight/input/output/k/v) must be finite and > 0, else `ScaleError` names the tensor.
@@ -77,10 +77,12 @@ def mobile_metadata(config: dict) -> dict | None:
 
 
 def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """`clamp(round_half_even(x / scale), -2^(b-1), 2^(b-1)-1) * scale`, in f32, returned in `x.dtype`."""
+    """`clamp(round_half_even(x / scale), -2^(b-1), 2^(b-1)-1) * scale`, computed in `x.dtype` (bf16) exactly as
+    compressed-tensors' `forward_quantize` does for k/v while calibrating, so the reloaded checkpoint reproduces
+    the calibrated in-memory model bit for bit (tests/test_quantize.py round trip)."""
     qmax = 2 ** (bits - 1) - 1
-    s = scale.to(device=x.device, dtype=torch.float32)
-    return (torch.clamp(torch.round(x.float() / s), -qmax - 1, qmax) * s).to(x.dtype)
+    s = scale.to(device=x.device, dtype=x.dtype)
+    return torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
 
 
 def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
