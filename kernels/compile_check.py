@@ -27,39 +27,36 @@ COMMON_SIG = {
 
 
 def _variants(all_configs: bool) -> Iterator[tuple[str, str, dict, dict, dict]]:
-    """(name, family, pointer dtypes, constexprs, options)."""
+    """(name, family, pointer dtypes, constexprs, options). ``all_configs``: every autotune config at 2 and 8 bits
+    (int2 has the most fields per word: the register-pressure worst case) in the modes each kernel really runs."""
     from . import gemm, gemv
 
-    int_modes = [  # (INT_MATH, X_INT8, x type, out type, INT8_OUT, HAS_SO)
-        (True, False, "*bf16", "*bf16", False, True),
-        (True, True, "*i8", "*i8", True, True),
-        (False, False, "*bf16", "*fp32", False, False),
+    bf16_int = (True, False, "*bf16", "*bf16", False, True)  # (INT_MATH, X_INT8, x, out, INT8_OUT, HAS_SO)
+    int8_int = (True, True, "*i8", "*i8", True, True)
+    weight_only = (False, False, "*bf16", "*fp32", False, False)
+    bits_list = (2, 8) if all_configs else (2,)
+    plans = [  # (family, configs, modes, extra constexprs sets)
+        ("gemv", gemv._configs() if all_configs else gemv._configs()[3:4], [bf16_int, weight_only],
+         [{"BLOCK_M": bm} for bm in ((1, 4) if all_configs else (1,))]),
+        ("gemm", gemm._configs(True) if all_configs else gemm._configs(True)[2:3], [bf16_int, weight_only],
+         [{"X_F32": False}]),
+        ("gemm", gemm._configs(False) if all_configs else gemm._configs(False)[:1], [int8_int, weight_only],
+         [{"X_F32": False}]),
     ]
-    gv = [c for c in gemv._configs()] if all_configs else [gemv._configs()[0], gemv._configs()[3]]
-    for bits in (2, 4, 8) if all_configs else (2, 8):
-        for im, x8, xt, ot, i8o, so in int_modes if all_configs else int_modes[:1] + int_modes[2:]:
-            for block_m in (1, 4) if all_configs else (1,):
-                for c in gv:
-                    if not im and c.kwargs["SPLIT_K"] > 1:
-                        continue
-                    const = dict(BITS=bits, INT_MATH=im, X_INT8=x8, HAS_BIAS=True, HAS_SO=so, INT8_OUT=i8o,
-                                 BLOCK_M=block_m, WG=8, **c.kwargs)
-                    name = f"gemv b{bits} {'int' if im else 'wo'}{' x8' if x8 else ''} M{block_m} {c.kwargs}"
-                    yield name, "gemv", {"x_ptr": xt, "out_ptr": ot}, const, {
-                        "num_warps": c.num_warps, "num_stages": c.num_stages}
-    for small in (True, False):
-        cfgs = gemm._configs(small)
-        cfgs = cfgs if all_configs else cfgs[2:3]
-        for bits in (2, 4, 8) if all_configs else (4, 8):
-            for im, x8, xt, ot, i8o, so in int_modes if all_configs else int_modes[:1] + int_modes[2:]:
-                for c in cfgs:
-                    if not im and c.kwargs["SPLIT_K"] > 1:
-                        continue
-                    const = dict(BITS=bits, INT_MATH=im, X_INT8=x8, X_F32=False, HAS_BIAS=True, HAS_SO=so,
-                                 INT8_OUT=i8o, WG=8, **c.kwargs)
-                    name = f"gemm b{bits} {'int' if im else 'wo'}{' x8' if x8 else ''} {c.kwargs}"
-                    yield name, "gemm", {"x_ptr": xt, "out_ptr": ot}, const, {
-                        "num_warps": c.num_warps, "num_stages": c.num_stages}
+    for family, cfgs, modes, extras in plans:
+        for bits in bits_list:
+            for im, x8, xt, ot, i8o, so in modes:
+                for extra in extras:
+                    for c in cfgs:
+                        if not im and c.kwargs["SPLIT_K"] > 1:
+                            continue
+                        const = dict(BITS=bits, INT_MATH=im, X_INT8=x8, HAS_BIAS=True, HAS_SO=so, INT8_OUT=i8o,
+                                     WG=8, **extra, **c.kwargs)
+                        name = (f"{family} b{bits} {'int' if im else 'wo'}{' x8' if x8 else ''} "
+                                f"{extra} {c.kwargs} w{c.num_warps} s{c.num_stages}")
+                        yield name, family, {"x_ptr": xt, "out_ptr": ot}, const, {
+                            "num_warps": c.num_warps, "num_stages": c.num_stages}
+    yield "gemm quant_kernel", "quant", {}, {"BLOCK_K": 1024}, {"num_warps": 4}
     for bits in (2, 4, 8) if all_configs else (2,):
         yield f"embedding b{bits}", "embedding", {}, dict(BITS=bits, BLOCK_K=1024, WG=8), {"num_warps": 4}
 
@@ -79,8 +76,9 @@ def _sass_stats(cubin: bytes) -> dict:
             res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
         except Exception:  # noqa: BLE001
             return out
-    for op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "IMAD", "LOP3", "FFMA", "LDL", "STL", "RED", "ATOM"):
+    for op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "IMAD", "LOP3", "FFMA", "LDL", "STL"):
         out[op] = len(re.findall(rf"\b{op}\b", sass))
+    out["atomics"] = len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass))
     m = re.search(r"REG:(\d+)", res)
     if m:
         out["regs"] = int(m.group(1))
@@ -102,7 +100,10 @@ def compile_one(family: str, ptrs: dict, const: dict, options: dict, arch: int =
 
     from . import _common as C, gemm, gemv
 
-    if family == "embedding":
+    if family == "quant":
+        fn = C.jit_kernel(gemm.quant_kernel, False)
+        sig = {"x_ptr": "*bf16", "out_ptr": "*i8", "si_ptr": "*fp32", "K": "i32", "stride_xm": "i32"}
+    elif family == "embedding":
         fn = C.jit_kernel(importlib.import_module(__package__ + ".embedding").embedding_kernel, False)
         sig = {"ids_ptr": "*i64", "w_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*bf16", "K": "i32", "KW": "i32"}
     else:
@@ -125,16 +126,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # triton.jit must build compilable JITFunctions
     rows = []
-    for name, family, ptrs, const, opts in _variants(args.all):
-        try:
-            info = compile_one(family, ptrs, const, opts, args.arch, sass=True)
-        except Exception as e:  # noqa: BLE001
-            info = {"ok": False, "error": repr(e)[:500]}
-        info["name"] = name
-        rows.append(info)
-        print(json.dumps(info), flush=True)
+    try:
+        for name, family, ptrs, const, opts in _variants(args.all):
+            try:
+                info = compile_one(family, ptrs, const, opts, args.arch, sass=True)
+            except Exception as e:  # noqa: BLE001
+                info = {"ok": False, "error": repr(e)[:500]}
+            info["name"] = name
+            rows.append(info)
+            print(json.dumps(info), flush=True)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

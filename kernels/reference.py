@@ -16,6 +16,8 @@ the same optional output requantization. Embedding: ``E[t] = q[t] * weight_scale
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -45,6 +47,25 @@ def check_scale_values(name: str, s: torch.Tensor) -> None:
     """Raise ValueError unless every element of ``s`` is finite and > 0 (syncs on CUDA: call at load time)."""
     if s.numel() and not bool(torch.all(torch.isfinite(s) & (s > 0))):
         raise ValueError(f"{name} must be finite and > 0 (0 = uncalibrated is invalid in our checkpoints)")
+
+
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _check_cached(name: str, orig: ScaleLike, s: torch.Tensor) -> None:
+    """``check_scale_values`` once per (tensor object, in-place version): per-call checks cost ~nothing for the
+    persistent scale tensors of a model; Python floats are checked without tensor ops."""
+    if isinstance(orig, (int, float)):
+        if not (math.isfinite(orig) and orig > 0):
+            raise ValueError(f"{name} must be finite and > 0 (0 = uncalibrated is invalid in our checkpoints)")
+        return
+    hit = _CHECKED.get(id(orig))
+    if hit is not None and hit[0]() is orig and hit[1] == orig._version:
+        return
+    check_scale_values(name, s)
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[id(orig)] = (weakref.ref(orig), orig._version)
 
 
 def normalize_args(
@@ -83,9 +104,10 @@ def normalize_args(
             raise ValueError(f"bias must have N={n} elements, got {list(bias.shape)}")
         b = bias.reshape(-1).to(device=dev, dtype=torch.float32).contiguous()
     if check_values:
-        for name, s in (("weight_scale", ws), ("input_scale", si), ("output_scale", so)):
+        for name, orig, s in (("weight_scale", weight_scale, ws), ("input_scale", input_scale, si),
+                              ("output_scale", output_scale, so)):
             if s is not None:
-                check_scale_values(name, s)
+                _check_cached(name, orig, s)
     return ws, si, so, b
 
 
@@ -103,7 +125,8 @@ def resolve_out_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype], int8_ou
 def quantize_int8(x: torch.Tensor, scale: ScaleLike) -> torch.Tensor:
     """``clamp(round_half_even(f32(x) / f32(scale)), -128, 127)`` as int8 (IEEE f32 division)."""
     s = _as_f32_vector("scale", scale, (1,), x.device)
-    return torch.clamp(torch.round(x.to(torch.float32) / s), -128, 127).to(torch.int8)
+    q = torch.div(x, s) if x.dtype != torch.float64 else torch.div(x.to(torch.float32), s)  # f32 (promotion)
+    return q.round_().clamp_(-128, 127).to(torch.int8)
 
 
 def int_matmul(xq: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -128,14 +151,15 @@ def epilogue(
 ) -> torch.Tensor:
     """``y = f32(acc) * col_scale (+ bias)``; optional static int8 requant with ``output_scale`` ([1] or [N]);
     ``out_dtype=torch.int8`` returns the int8 codes."""
-    y = acc.to(torch.float32) * col_scale
+    y = acc.to(torch.float32) if acc.dtype != torch.float32 else acc.clone()
+    y.mul_(col_scale)
     if bias is not None:
-        y = y + bias
+        y.add_(bias)
     if output_scale is not None:
-        q = torch.clamp(torch.round(y / output_scale), -128, 127)
+        y.div_(output_scale).round_().clamp_(-128, 127)
         if out_dtype == torch.int8:
-            return q.to(torch.int8)
-        y = q * output_scale
+            return y.to(torch.int8)
+        y.mul_(output_scale)
     return y.to(out_dtype)
 
 
@@ -202,7 +226,7 @@ def check_embedding_args(ids: torch.Tensor, w: PackedWeight, weight_scale: torch
         raise ValueError(f"ids on {ids.device} but table on {w.device}")
     ws = _as_f32_vector("weight_scale", weight_scale, (w.n,), ids.device)
     if check_values:
-        check_scale_values("weight_scale", ws)
+        _check_cached("weight_scale", weight_scale, ws)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.n):
             raise ValueError(f"ids out of range [0, {w.n})")
     return ws

@@ -199,6 +199,12 @@ def test_bad_inputs_raise_value_errors():
         args.update(over)
         with pytest.raises(ValueError, match=msg):
             linear(**args)
+    # validation is cached per scale tensor, but an in-place change invalidates the cache
+    so = torch.tensor([0.1])
+    linear(x, w, ws, 0.1, so)
+    so.zero_()
+    with pytest.raises(ValueError, match="output_scale must be finite and > 0"):
+        linear(x, w, ws, 0.1, so)
     with pytest.raises(ValueError, match="ids out of range"):
         embedding(torch.tensor([6]), w, ws)
     with pytest.raises(ValueError, match="ids must be int"):
@@ -415,3 +421,22 @@ def test_bench_smoke(tmp_path, triton_env):
     bench.main(["--smoke", "--out", str(out)])
     rep = json.loads(out.read_text())
     assert rep["results"] and all(r["max_abs_diff"] == 0 for r in rep["results"] if r["kind"] == "linear")
+
+
+def test_kernels_compile_for_sm90():
+    """Representative variants of every kernel compile to sm_90 cubin (GPU-only rules the interpreter does not
+    check: int8 tl.dot tile sizes, scalar branches, atomics, register allocation) -- no GPU needed."""
+    pytest.importorskip("triton")
+    from kernels import compile_check
+
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        assert os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas"))
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no bundled ptxas: {e!r}")
+    rows = compile_check.main([])
+    assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    by = {r["name"].split(" ")[0] + (" x8" if " x8 " in r["name"] else ""): r for r in rows}
+    assert by["gemm x8"].get("IGMMA", 1) > 0  # large-M int8 dot lowers to Hopper wgmma (int8)
+    assert all(r.get("stack", 0) <= 64 for r in rows), "unexpected register spills"
