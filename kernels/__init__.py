@@ -5,10 +5,10 @@ layout (``kernels.layout``): ``PackedWeight``, ``from_compressed_tensors``, ``fr
 Triton is imported lazily, only when the Triton backend runs.
 """
 
-from .layout import PackedWeight, from_compressed_tensors, from_float, from_int, unpack
+from .layout import PackedWeight, cat_rows, from_compressed_tensors, from_float, from_int, unpack
 from .ops import check_scale_values, embedding, linear, quantize_int8, select_backend
 
 __all__ = [
-    "PackedWeight", "from_compressed_tensors", "from_float", "from_int", "unpack",
+    "PackedWeight", "cat_rows", "from_compressed_tensors", "from_float", "from_int", "unpack",
     "linear", "embedding", "quantize_int8", "check_scale_values", "select_backend",
 ]

@@ -110,6 +110,24 @@ class PackedWeight:
     def nbytes(self) -> int:
         return self.packed.numel() * 4
 
+    def narrow_rows(self, start: int, length: int) -> "PackedWeight":
+        """Output channels ``[start, start + length)`` (a view of ``packed``): one shard of a fused layer."""
+        if start < 0 or length <= 0 or start + length > self.n:
+            raise ValueError(f"rows [{start}, {start + length}) out of [0, {self.n})")
+        codes = None if self.codes is None else self.codes.narrow(0, start, length)
+        return PackedWeight(self.bits, (length, self.k), self.packed.narrow(0, start, length), self.layout, codes)
+
+
+def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """Stack shards along N (fused qkv / gate_up): same bits and K required."""
+    if not parts:
+        raise ValueError("cat_rows needs at least one PackedWeight")
+    bits, k = parts[0].bits, parts[0].k
+    if any(p.bits != bits or p.k != k for p in parts):
+        raise ValueError(f"cat_rows: all parts need bits={bits} and K={k}, got {[(p.bits, p.k) for p in parts]}")
+    packed = torch.cat([p.packed for p in parts], dim=0)
+    return PackedWeight(bits, (sum(p.n for p in parts), k), packed)
+
 
 def from_int(codes: torch.Tensor, bits: int) -> PackedWeight:
     """Pack signed integer codes ``[N, K]`` (any integer dtype, values in the ``bits`` grid) into ``kgroup8``."""

@@ -85,6 +85,27 @@ def test_layout_bit_positions(bits):
                 assert field - (1 << (bits - 1)) == want
 
 
+def test_layout_fused_shards():
+    """cat_rows / narrow_rows: a fused gate_up built from shards computes exactly the shards' outputs, each with
+    its own static output scale through one per-column output_scale vector."""
+    from kernels import cat_rows
+
+    g = torch.Generator().manual_seed(77)
+    c1, c2 = rand_codes(12, 50, 4, g), rand_codes(20, 50, 4, g)
+    w1, w2 = from_int(c1, 4), from_int(c2, 4)
+    fused = cat_rows([w1, w2])
+    assert torch.equal(unpack(fused), torch.cat([c1, c2])) and torch.equal(unpack(fused.narrow_rows(12, 20)), c2)
+    ws1, ws2 = torch.rand(12, generator=g) * 0.02 + 1e-3, torch.rand(20, generator=g) * 0.02 + 1e-3
+    x = torch.randn(3, 50, generator=g).bfloat16()
+    y = linear(x, fused, torch.cat([ws1, ws2]), 0.05, torch.cat([torch.full((12,), 0.03), torch.full((20,), 0.07)]))
+    assert torch.equal(y[:, :12], linear(x, w1, ws1, 0.05, 0.03))
+    assert torch.equal(y[:, 12:], linear(x, w2, ws2, 0.05, 0.07))
+    with pytest.raises(ValueError, match="cat_rows"):
+        cat_rows([w1, from_int(rand_codes(2, 50, 2, g), 2)])
+    with pytest.raises(ValueError, match="out of"):
+        fused.narrow_rows(30, 5)
+
+
 def test_layout_errors():
     codes = torch.zeros(2, 8, dtype=torch.int8)
     with pytest.raises(ValueError, match="unsupported bits"):
