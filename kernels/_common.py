@@ -27,6 +27,11 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def use_dp4a() -> bool:
+    """GEMV integer path: PTX dp4a on a GPU (env ``GEMMA_MOBILE_DP4A=0``: portable integer ops instead)."""
+    return not interpret() and os.environ.get("GEMMA_MOBILE_DP4A", "1") != "0"
+
+
 def next_pow2(v: int) -> int:
     return 1 if v <= 1 else 1 << (int(v) - 1).bit_length()
 
@@ -55,6 +60,19 @@ def load_x_int8(x_ptrs, mask, s_x, X_INT8: tl.constexpr):
         xf = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         xq = rne_clamp_i8(tl.math.div_rn(xf, s_x)).to(tl.int8)
     return xq
+
+def dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """``c + sum_i u8(byte_i(a)) * s8(byte_i(b))`` (int32): PTX ``dp4a.u32.s32`` on the GPU (4 int8 MACs in one
+    instruction), the same in plain integer ops otherwise (interpreter)."""
+    if USE_ASM:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = c
+        for i in tl.static_range(4):
+            r += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return r
+
 
 def field_to_float(words, SHIFT: tl.constexpr, BITS: tl.constexpr):
     """Signed code of field SHIFT as exact f32 via the 2^23 magic (no int->float convert)."""
@@ -86,7 +104,7 @@ def epilogue(acc, col_scale, offs_m, offs_n, mask_mn, n_mask, bias_ptr, so_ptr, 
     y = acc.to(tl.float32) * col_scale[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     if HAS_SO:
         so = tl.load(so_ptr + offs_n * so_stride, mask=n_mask, other=1.0)[None, :]
         q = rne_clamp_i8(tl.math.div_rn(y, so))
@@ -118,7 +136,7 @@ def finish(acc, col_scale, offs_m, offs_n, mask_mn, n_mask, tile_id, ws_ptr, cnt
                      stride_om, HAS_BIAS, HAS_SO, INT8_OUT)
 
 
-_HELPERS = (rne_clamp_i8, round_bf16, load_x_int8, field_to_float, store_float, epilogue, finish)
+_HELPERS = (rne_clamp_i8, round_bf16, load_x_int8, dp4a, field_to_float, store_float, epilogue, finish)
 
 
 def _rebind(fn, g: dict):

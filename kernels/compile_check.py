@@ -37,7 +37,7 @@ def _variants(all_configs: bool) -> Iterator[tuple[str, str, dict, dict, dict]]:
     bits_list = (2, 8) if all_configs else (2,)
     plans = [  # (family, configs, modes, extra constexprs sets)
         ("gemv", gemv._configs() if all_configs else gemv._configs()[3:4], [bf16_int, weight_only],
-         [{"BLOCK_M": bm} for bm in ((1, 4) if all_configs else (1,))]),
+         [{"BLOCK_M": bm, "DP4A": True} for bm in ((1, 4) if all_configs else (1,))]),
         ("gemm", gemm._configs(True) if all_configs else gemm._configs(True)[2:3], [bf16_int, weight_only],
          [{"X_F32": False}]),
         ("gemm", gemm._configs(False) if all_configs else gemm._configs(False)[:1], [int8_int, weight_only],
@@ -76,7 +76,7 @@ def _sass_stats(cubin: bytes) -> dict:
             res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
         except Exception:  # noqa: BLE001
             return out
-    for op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "IMAD", "LOP3", "FFMA", "LDL", "STL"):
+    for op in ("IGMMA", "HGMMA", "IMMA", "HMMA", "IDP", "IMAD", "LOP3", "FFMA", "LDL", "STL"):
         out[op] = len(re.findall(rf"\b{op}\b", sass))
     out["atomics"] = len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass))
     m = re.search(r"REG:(\d+)", res)

@@ -23,10 +23,10 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import field_to_float, finish, load_x_int8  # raw; rebound per mode
+from ._common import dp4a, field_to_float, finish, load_x_int8  # raw; rebound per mode
 from .layout import PackedWeight, pack_factor
 
-MAX_BLOCK_M = 8
+MAX_BLOCK_M = 4
 
 
 def _configs() -> list[triton.Config]:
@@ -56,11 +56,12 @@ def gemv_kernel(
     M, N, K, KW, stride_xm, stride_om, so_stride, M_BUCKET,
     BITS: tl.constexpr, INT_MATH: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SO: tl.constexpr, INT8_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, WG: tl.constexpr,
+    BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, WG: tl.constexpr, DP4A: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     GK: tl.constexpr = PACK * WG
-    MASK: tl.constexpr = (1 << BITS) - 1
+    CPB: tl.constexpr = PACK // 4  # codes per byte
+    MASK4: tl.constexpr = ((1 << BITS) - 1) * 0x01010101 if BITS < 8 else 0  # one field per byte (unused for 8)
     OFF: tl.constexpr = 1 << (BITS - 1)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -86,15 +87,29 @@ def gemv_kernel(
         kw_mask = offs_kw < kw_hi
         words = tl.load(w_rows + offs_kw[None, :], mask=n_mask[:, None] & kw_mask[None, :], other=0)
         kbase = (offs_kw // WG) * GK + (offs_kw % WG)
-        for j in tl.static_range(PACK):
-            offs_k = kbase + j * WG
-            xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
-            if INT_MATH:
-                xq = load_x_int8(x_rows + offs_k[None, :], xmask, s_x, X_INT8).to(tl.int32)
-                f = (words >> (j * BITS)) & MASK
-                acc += tl.reduce(xq[:, None, :] * f[None, :, :], 2, tl.standard._sum_combine)
-                xsum += tl.reduce(xq, 1, tl.standard._sum_combine)
-            else:
+        if INT_MATH:
+            # SWAR: (words >> t*BITS) & MASK4 leaves one field per byte: byte i holds field j = i*CPB + t.
+            # The 4 matching int8 activations are packed into one int32 and dp4a does 4 MACs in one op.
+            part = tl.full((BLOCK_M, BLOCK_N, BLOCK_KW), 0, tl.int32)
+            for t in tl.static_range(CPB):
+                xp = tl.full((BLOCK_M, BLOCK_KW), 0, tl.int32)
+                for i in tl.static_range(4):
+                    offs_k = kbase + (i * CPB + t) * WG
+                    xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
+                    xq = load_x_int8(x_rows + offs_k[None, :], xmask, s_x, X_INT8).to(tl.int32)
+                    xsum += tl.reduce(xq, 1, tl.standard._sum_combine)
+                    xp = xp | ((xq & 0xFF) << (8 * i))
+                if BITS == 8:
+                    e = words  # 4 offset-binary bytes = 4 unsigned codes
+                else:
+                    e = (words >> (t * BITS)) & MASK4
+                part = dp4a(tl.broadcast_to(e[None, :, :], (BLOCK_M, BLOCK_N, BLOCK_KW)),
+                            tl.broadcast_to(xp[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_KW)), part, DP4A)
+            acc += tl.reduce(part, 2, tl.standard._sum_combine)
+        else:
+            for j in tl.static_range(PACK):
+                offs_k = kbase + j * WG
+                xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
                 xf = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0).to(tl.float32)
                 wf = field_to_float(words, j * BITS, BITS)
                 acc += tl.reduce(xf[:, None, :] * wf[None, :, :], 2, tl.standard._sum_combine)
@@ -151,7 +166,8 @@ def launch(
         min(C.next_pow2(m), 64),
     )
     meta = dict(BITS=w.bits, INT_MATH=int_math, X_INT8=x2.dtype == torch.int8, HAS_BIAS=bias is not None,
-                HAS_SO=so is not None, INT8_OUT=out.dtype == torch.int8, BLOCK_M=block_m, WG=C.WG)
+                HAS_SO=so is not None, INT8_OUT=out.dtype == torch.int8, BLOCK_M=block_m, WG=C.WG,
+                DP4A=C.use_dp4a())
     if cfg is not None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m), cfg["SPLIT_K"])
         fn = kern.fn if hasattr(kern, "configs") else kern

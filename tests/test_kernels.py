@@ -460,4 +460,5 @@ def test_kernels_compile_for_sm90():
     assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     by = {r["name"].split(" ")[0] + (" x8" if " x8 " in r["name"] else ""): r for r in rows}
     assert by["gemm x8"].get("IGMMA", 1) > 0  # large-M int8 dot lowers to Hopper wgmma (int8)
+    assert by["gemv"].get("IDP", 1) > 0  # GEMV integer path: dp4a (4 int8 MACs per instruction)
     assert all(r.get("stack", 0) <= 64 for r in rows), "unexpected register spills"
