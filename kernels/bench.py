@@ -128,7 +128,7 @@ def run_case(label: str, k: int, n: int, bits: int, m: int, bench, kind: str, gl
         weight_GBps=round(wbytes / t_ours / 1e6, 1), bf16_weight_GBps=round(n * k * 2 / t_bf16 / 1e6, 1),
         timing=how, kernel="gemv" if m <= ops.gemv_max_m() else "gemm",
     )
-    if m <= 4 and kind == "linear":  # the other small-M kernel, for the dispatch threshold
+    if m <= 16 and kind == "linear":  # the other small-M kernel, to tune GEMMA_MOBILE_GEMV_MAX_M
         other = "gemm" if row["kernel"] == "gemv" else "gemv"
         try:
             t_o, _ = bench(lambda: ops.linear(x, w, ws, si, so, kernel=other))
