@@ -140,3 +140,19 @@ def test_bad_recipe_inputs(tiny_gemma3, tmp_path):
     with pytest.raises(Exception, match="needs a Gemma 4 config"):
         quantize(tiny_gemma3, RECIPES / "gemma4_e2b_mobile_ptq.yaml", tmp_path / "z", num_samples=2, seq_len=16)
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_embedding_variant_equals_full_rerun(tiny_gemma3, mobile_tiny_gemma3, tmp_path):
+    """requantize_embedding(ckpt, base, 4) == quantize(..., embed_bits=4): every tensor identical."""
+    from vllm_gemma_mobile.quantize.variants import requantize_embedding
+
+    variant = requantize_embedding(mobile_tiny_gemma3, tiny_gemma3, 4, tmp_path / "v4")
+    full = quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "f4", num_samples=N_SAMPLES,
+                    seq_len=SEQ_LEN, overrides={"mlp_2bit_layers": "[1]", "embed_bits": "4"})
+    a, b = tensors(variant), tensors(full)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    qa = json.loads((variant / "config.json").read_text())["quantization_config"]
+    qb = json.loads((full / "config.json").read_text())["quantization_config"]
+    assert qa["config_groups"] == qb["config_groups"]
