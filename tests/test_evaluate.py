@@ -21,7 +21,6 @@ from vllm_gemma_mobile.evaluate import data
 from vllm_gemma_mobile.evaluate.reference import (KV_ATTN_PREFIX, ScaleError, fake_quant_kv, kv_fake_quant_enabled,
                                                   load_reference)
 from vllm_gemma_mobile.evaluate.report import report
-from vllm_gemma_mobile.models.tiny import build_tiny
 
 ACT = dict(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
 
@@ -320,7 +319,8 @@ def test_kv_quant_coarse_vs_fine(tiny_gemma3, tmp_path):
     fine = make_mobile(tiny_gemma3, tmp_path / "fine", kv_bits={"sliding_attention": 8, "full_attention": 8})
     coarse = make_mobile(tiny_gemma3, tmp_path / "coarse", kv_bits={"sliding_attention": 2, "full_attention": 2},
                          kv_scale_mult=4.0)
-    ids = torch.cat([torch.tensor([[2]]), torch.randint(3, 1024, (1, 40), generator=torch.Generator().manual_seed(1))], 1)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.tensor([[2]]), torch.randint(3, 1024, (1, 40), generator=gen)], 1)
     delta = {}
     for name, ckpt in (("fine", fine), ("coarse", coarse)):
         model, _ = load_reference(ckpt)
@@ -337,7 +337,8 @@ def test_kv_quant_applies_to_the_cache(mobile4):
     whole cache) are on each layer's grid, sliding, full and KV-shared layers alike; and the logits track the
     KV-quantized full forward more closely than the unquantized one."""
     model, _ = load_reference(mobile4)
-    ids = torch.cat([torch.tensor([[2]]), torch.randint(3, 1024, (1, 23), generator=torch.Generator().manual_seed(2))], 1)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.cat([torch.tensor([[2]]), torch.randint(3, 1024, (1, 23), generator=gen)], 1)
 
     def incremental(check: bool) -> torch.Tensor:
         out = model(ids[:, :12], use_cache=True)

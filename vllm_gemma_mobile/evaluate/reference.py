@@ -14,9 +14,11 @@
   2. KV cache fake quant (what compressed-tensors cannot express: per-layer bits): for every attention layer,
      keys and values as cached (after k_norm and RoPE; v after v_norm for Gemma 4) become
      `clamp(round(k / k_scale), -2^(b-1), 2^(b-1)-1) * k_scale` with `b = layer_bits[i]`, computed in the
-     activation dtype (bf16), as compressed-tensors' own KV fake quant does. It is applied where attention reads K/V (a registered attention
-     function wrapping the model's own sdpa/eager one); since the quantizer is idempotent this equals quantizing
-     once at cache-write time. Gemma 4 KV-shared layers read the source layer's K/V and use its scales/bits.
+     activation dtype (bf16, scale rounded to bf16), as compressed-tensors' own KV fake quant does while
+     calibrating (bit-exact round trip). It is applied where attention reads K/V (a registered attention
+     function wrapping the model's own sdpa/eager one); since the quantizer is idempotent (bf16, |n| <= 256) this
+     equals quantizing once at cache-write time. Gemma 4 KV-shared layers read the source layer's K/V and use
+     its scales/bits.
   3. Every scale (weight/input/output/k/v) must be finite and > 0, else `ScaleError` names the tensor.
 
 Workarounds (transformers 5.19 + compressed-tensors 0.17), active only inside `load_reference`:
