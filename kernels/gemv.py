@@ -1,10 +1,11 @@
 """Small-M (decode) Triton kernel: packed int2/int4/int8 weights x int8 activations on CUDA cores, split-K.
 
-One program owns ``BLOCK_N`` output channels x ``BLOCK_M`` (<= 8) rows x one K slice. Per step it loads a
-``[BLOCK_N, BLOCK_KW]`` tile of int32 words (rows contiguous: coalesced 16-byte loads), and for each field ``j``
-extracts the unsigned codes with one shift+mask in registers; field ``j`` of a word tile covers runs of 8
-consecutive k (layout ``kgroup8``), so the matching activations are contiguous vector loads (L1/L2 hits: x is
-tiny). The offset-binary ``-2^(bits-1)`` is folded out of the inner loop: ``sum x*(f-o) = sum x*f - o*sum x``.
+One program owns ``BLOCK_N`` output channels x ``BLOCK_M`` (<= 4) rows x one K slice. Per step it loads a
+``[BLOCK_N, BLOCK_KW]`` tile of int32 words (rows contiguous: coalesced 16-byte loads). Integer path, SWAR:
+``(words >> t*bits) & 0x0303..`` leaves one unsigned code per byte (byte ``i`` = field ``i*CPB + t``, i.e. runs of
+8 consecutive k in layout ``kgroup8``); the 4 matching int8 activations (contiguous vector loads, L1/L2 hits,
+quantized in registers and shared by the tile's rows) are packed into one int32 and ``dp4a`` does 4 MACs per
+instruction. The offset-binary ``-2^(bits-1)`` is folded out: ``sum x*(f-o) = sum x*f - o*sum x``.
 
 Numerics (``INT_MATH``): x quantized in-kernel (``clamp(rne(x / s_x))``, IEEE division) unless already int8,
 exact int32 accumulation, epilogue ``f32(acc) * (s_x * weight_scale[n]) (+bias)`` then optional static requant
@@ -33,7 +34,7 @@ def _configs() -> list[triton.Config]:
     cfg = []
     for bn, bkw, sk, warps in [
         (64, 32, 1, 4), (32, 64, 1, 4), (128, 16, 1, 4),
-        (64, 32, 4, 4), (32, 32, 8, 4), (16, 64, 4, 2), (32, 64, 16, 4),
+        (64, 32, 4, 4), (32, 32, 8, 4), (16, 64, 4, 4), (32, 64, 16, 4),
     ]:
         cfg.append(triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw, "SPLIT_K": sk}, num_warps=warps, num_stages=2))
     return cfg

@@ -3,7 +3,7 @@
 #   bash kernels/run_gpu_checks.sh            # results under $OUT (default ./out/kernels)
 # 1. parity tests of every Triton op vs the torch reference, compiled for the GPU (no interpreter), ~2-3 min;
 # 2. kernels.bench: E2B/E4B shapes x M in {1,16,256,4,64} x bits vs cuBLAS bf16 (+ gemlite if importable),
-#    stops starting new cases after BENCH_BUDGET_S (default 200 s); writes kernels_bench.json.
+#    stops starting new cases after BENCH_BUDGET_S (default 150 s); writes kernels_bench.json.
 # Uses $PYTHON (default python3) with a CUDA torch + triton. Exit status: non-zero if the parity tests failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,14 +24,14 @@ PYEOF
 status=0
 if "$PY" -c "import pytest" 2>/dev/null; then
   # conftest.py of the repo only defines fixtures; -p no:cacheprovider: the tree may be read-only
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+  timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
       --junitxml "$OUT/kernels_parity.xml" 2>&1 | tee "$OUT/kernels_parity.log"
   status=${PIPESTATUS[0]}
 else
   echo "pytest not installed: parity is still checked per case by the bench (max_abs_diff)" | tee "$OUT/kernels_parity.log"
 fi
 
-timeout 330 "$PY" -m kernels.bench --out "$OUT/kernels_bench.json" --budget-s "${BENCH_BUDGET_S:-200}" \
+timeout 240 "$PY" -m kernels.bench --out "$OUT/kernels_bench.json" --budget-s "${BENCH_BUDGET_S:-150}" \
     2>&1 | tee "$OUT/kernels_bench.log"
 bstatus=${PIPESTATUS[0]}
 echo "parity exit=$status bench exit=$bstatus; results in $OUT"
