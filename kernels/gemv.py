@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from ._common import dp4a, field_to_float, finish, load_x_int8  # raw; rebound per mode
+from ._common import dp4a, finish, load_x_int8  # raw; rebound per mode
 from .layout import PackedWeight, pack_factor
 
 MAX_BLOCK_M = 4
@@ -63,6 +63,8 @@ def gemv_kernel(
     GK: tl.constexpr = PACK * WG
     CPB: tl.constexpr = PACK // 4  # codes per byte
     MASK4: tl.constexpr = ((1 << BITS) - 1) * 0x01010101 if BITS < 8 else 0  # one field per byte (unused for 8)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    FPH: tl.constexpr = 16 // BITS  # fields per 16-bit half word
     OFF: tl.constexpr = 1 << (BITS - 1)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -76,13 +78,15 @@ def gemv_kernel(
     kw_hi = tl.minimum(kw_lo + kw_per_split, KW)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * KW
     x_rows = x_ptr + offs_m[:, None] * stride_xm
+    # Accumulate elementwise over [BLOCK_M, BLOCK_N, BLOCK_KW] and reduce over KW once after the K loop: a
+    # reduction per field would cost cross-lane shuffles per code.
     if INT_MATH:
         s_x = tl.load(si_ptr)
-        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+        acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_KW), 0, tl.int32)
         xsum = tl.full((BLOCK_M,), 0, tl.int32)
     else:
         s_x = 1.0
-        acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.float32)
+        acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_KW), 0, tl.float32)
     for kw0 in range(kw_lo, kw_hi, BLOCK_KW):
         offs_kw = kw0 + tl.arange(0, BLOCK_KW)
         kw_mask = offs_kw < kw_hi
@@ -91,7 +95,6 @@ def gemv_kernel(
         if INT_MATH:
             # SWAR: (words >> t*BITS) & MASK4 leaves one field per byte: byte i holds field j = i*CPB + t.
             # The 4 matching int8 activations are packed into one int32 and dp4a does 4 MACs in one op.
-            part = tl.full((BLOCK_M, BLOCK_N, BLOCK_KW), 0, tl.int32)
             for t in tl.static_range(CPB):
                 xp = tl.full((BLOCK_M, BLOCK_KW), 0, tl.int32)
                 for i in tl.static_range(4):
@@ -104,16 +107,26 @@ def gemv_kernel(
                     e = words  # 4 offset-binary bytes = 4 unsigned codes
                 else:
                     e = (words >> (t * BITS)) & MASK4
-                part = dp4a(tl.broadcast_to(e[None, :, :], (BLOCK_M, BLOCK_N, BLOCK_KW)),
-                            tl.broadcast_to(xp[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_KW)), part, DP4A)
-            acc += tl.reduce(part, 2, tl.standard._sum_combine)
+                acc3 = dp4a(tl.broadcast_to(e[None, :, :], (BLOCK_M, BLOCK_N, BLOCK_KW)),
+                            tl.broadcast_to(xp[:, None, :], (BLOCK_M, BLOCK_N, BLOCK_KW)), acc3, DP4A)
         else:
-            for j in tl.static_range(PACK):
-                offs_k = kbase + j * WG
-                xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
-                xf = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0).to(tl.float32)
-                wf = field_to_float(words, j * BITS, BITS)
-                acc += tl.reduce(xf[:, None, :] * wf[None, :, :], 2, tl.standard._sum_combine)
+            # Weight-only: one LOP3 per code. Field t of a 16-bit half stays in place: (w & mask<<e) | 2^23-magic
+            # is the float 2^23 + f*2^e (exact, e + BITS <= 16 < 23), minus (2^23 + o*2^e) = (f - o)*2^e exactly;
+            # the 2^-e goes onto the activations (exact power-of-2 scaling, amortized over the tile's rows).
+            for h in tl.static_range(2):
+                if h == 0:
+                    wh = words
+                else:
+                    wh = words >> 16
+                for t in tl.static_range(FPH):
+                    offs_k = kbase + (h * FPH + t) * WG
+                    xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
+                    xf = tl.load(x_rows + offs_k[None, :], mask=xmask, other=0.0).to(tl.float32)
+                    xf = xf * (1.0 / (1 << (BITS * t)))
+                    v = ((wh & (MASK << (BITS * t))) | 0x4B000000).to(tl.float32, bitcast=True)
+                    v = v - (8388608.0 + OFF * (1 << (BITS * t)))
+                    acc3 += xf[:, None, :] * v[None, :, :]
+    acc = tl.reduce(acc3, 2, tl.standard._sum_combine)
     wscale = tl.load(wscale_ptr + offs_n, mask=n_mask, other=0.0)
     if INT_MATH:
         acc = acc - OFF * xsum[:, None]
@@ -172,11 +185,11 @@ def launch(
     if cfg is not None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m), cfg["SPLIT_K"])
         fn = kern.fn if hasattr(kern, "configs") else kern
-        fn[grid](*args, **meta, **cfg, **C.launch_opts())
+        fn[grid](*args, **meta, **cfg, **C.launch_opts(exact_epilogue=int_math))
     else:
         def grid(meta_):
             return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(m, block_m), meta_["SPLIT_K"])
-        kern[grid](*args, **meta, **C.launch_opts())
+        kern[grid](*args, **meta, **C.launch_opts(exact_epilogue=int_math))
     return out
 
 

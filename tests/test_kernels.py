@@ -275,6 +275,7 @@ CASES = [
     (8, 3, 21, 100, None, None, torch.float32, ("so", "x8", "wo")),
     (2, 4, 33, 129, "gemv", {"SPLIT_K": 2, "BLOCK_N": 32, "BLOCK_KW": 8}, torch.bfloat16, ("raw", "col")),
     (4, 2, 20, 64, "gemm", None, torch.bfloat16, ("so", "wo")),
+    (4, 2, 30, 200, "gemv", None, torch.bfloat16, ("wo", "x8")),
     (2, 16, 19, 200, None, None, torch.bfloat16, ("col", "i8")),
     (4, 17, 35, 333, "gemm", {"SPLIT_K": 3}, torch.bfloat16, ("so", "x8")),
     (8, 40, 24, 120, "gemm", {"SPLIT_K": 2, "BLOCK_M": 32}, torch.float32, ("col", "raw")),
