@@ -32,11 +32,12 @@ def _variants(all_configs: bool) -> Iterator[tuple[str, str, dict, dict, dict]]:
     from . import gemm, gemv
 
     bf16_int = (True, False, "*bf16", "*bf16", False, True)  # (INT_MATH, X_INT8, x, out, INT8_OUT, HAS_SO)
+    packed_int = (True, False, "*i32", "*bf16", False, True)  # GEMV on pre-packed x (pack_x_kernel)
     int8_int = (True, True, "*i8", "*i8", True, True)
     weight_only = (False, False, "*bf16", "*fp32", False, False)
     bits_list = (2, 8) if all_configs else (2,)
     plans = [  # (family, configs, modes, extra constexprs sets)
-        ("gemv", gemv._configs() if all_configs else gemv._configs()[3:4], [bf16_int, weight_only],
+        ("gemv", gemv._configs() if all_configs else gemv._configs()[3:4], [packed_int, bf16_int, weight_only],
          [{"BLOCK_M": bm, "DP4A": True} for bm in ((1, 4) if all_configs else (1,))]),
         ("gemm", gemm._configs(True) if all_configs else gemm._configs(True)[2:3], [bf16_int, weight_only],
          [{"X_F32": False}]),
@@ -52,11 +53,17 @@ def _variants(all_configs: bool) -> Iterator[tuple[str, str, dict, dict, dict]]:
                             continue
                         const = dict(BITS=bits, INT_MATH=im, X_INT8=x8, HAS_BIAS=True, HAS_SO=so, INT8_OUT=i8o,
                                      WG=8, **extra, **c.kwargs)
-                        name = (f"{family} b{bits} {'int' if im else 'wo'}{' x8' if x8 else ''} "
+                        if family == "gemv":
+                            const["X_PACKED"] = xt == "*i32"
+                        name = (f"{family} b{bits} {'int' if im else 'wo'}{' x8' if x8 else ''}"
+                                f"{' packed' if xt == '*i32' else ''} "
                                 f"{extra} {c.kwargs} w{c.num_warps} s{c.num_stages}")
                         yield name, family, {"x_ptr": xt, "out_ptr": ot}, const, {
                             "num_warps": c.num_warps, "num_stages": c.num_stages}
     yield "gemm quant_kernel", "quant", {}, {"BLOCK_K": 1024}, {"num_warps": 4}
+    for bits in (2, 4, 8) if all_configs else (2,):
+        yield f"gemv pack_x_kernel b{bits}", "pack", {}, {"BITS": bits, "X_INT8": False, "BLOCK_KW": 256, "WG": 8}, {
+            "num_warps": 4}
     for bits in (2, 4, 8) if all_configs else (2,):
         yield f"embedding b{bits}", "embedding", {}, dict(BITS=bits, BLOCK_K=1024, WG=8), {"num_warps": 4}
 
@@ -100,7 +107,10 @@ def compile_one(family: str, ptrs: dict, const: dict, options: dict, arch: int =
 
     from . import _common as C, gemm, gemv
 
-    if family == "quant":
+    if family == "pack":
+        fn = C.jit_kernel(gemv.pack_x_kernel, False)
+        sig = {"x_ptr": "*bf16", "out_ptr": "*i32", "si_ptr": "*fp32", "K": "i32", "KW": "i32", "stride_xm": "i32"}
+    elif family == "quant":
         fn = C.jit_kernel(gemm.quant_kernel, False)
         sig = {"x_ptr": "*bf16", "out_ptr": "*i8", "si_ptr": "*fp32", "K": "i32", "stride_xm": "i32"}
     elif family == "embedding":

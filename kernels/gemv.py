@@ -17,6 +17,7 @@ Split-K (int path only) combines exact int32 partials with the self-cleaning ato
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -57,7 +58,7 @@ def gemv_kernel(
     M, N, K, KW, stride_xm, stride_om, so_stride, M_BUCKET,
     BITS: tl.constexpr, INT_MATH: tl.constexpr, X_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SO: tl.constexpr, INT8_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, WG: tl.constexpr, DP4A: tl.constexpr,
+    BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, WG: tl.constexpr, DP4A: tl.constexpr, X_PACKED: tl.constexpr,
 ):
     PACK: tl.constexpr = 32 // BITS
     GK: tl.constexpr = PACK * WG
@@ -83,7 +84,7 @@ def gemv_kernel(
     if INT_MATH:
         s_x = tl.load(si_ptr)
         acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_KW), 0, tl.int32)
-        xsum = tl.full((BLOCK_M,), 0, tl.int32)
+        xs2 = tl.full((BLOCK_M, BLOCK_KW), 0, tl.int32)
     else:
         s_x = 1.0
         acc3 = tl.full((BLOCK_M, BLOCK_N, BLOCK_KW), 0, tl.float32)
@@ -96,13 +97,17 @@ def gemv_kernel(
             # SWAR: (words >> t*BITS) & MASK4 leaves one field per byte: byte i holds field j = i*CPB + t.
             # The 4 matching int8 activations are packed into one int32 and dp4a does 4 MACs in one op.
             for t in tl.static_range(CPB):
-                xp = tl.full((BLOCK_M, BLOCK_KW), 0, tl.int32)
-                for i in tl.static_range(4):
-                    offs_k = kbase + (i * CPB + t) * WG
-                    xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
-                    xq = load_x_int8(x_rows + offs_k[None, :], xmask, s_x, X_INT8).to(tl.int32)
-                    xsum += tl.reduce(xq, 1, tl.standard._sum_combine)
-                    xp = xp | ((xq & 0xFF) << (8 * i))
+                if X_PACKED:  # pre-quantized and pre-packed by pack_x_kernel: [M, CPB, KW] int32
+                    xp = tl.load(x_rows + t * KW + offs_kw[None, :], mask=m_mask[:, None] & kw_mask[None, :],
+                                 other=0)
+                else:
+                    xp = tl.full((BLOCK_M, BLOCK_KW), 0, tl.int32)
+                    for i in tl.static_range(4):
+                        offs_k = kbase + (i * CPB + t) * WG
+                        xmask = m_mask[:, None] & (kw_mask & (offs_k < K))[None, :]
+                        xq = load_x_int8(x_rows + offs_k[None, :], xmask, s_x, X_INT8).to(tl.int32)
+                        xp = xp | ((xq & 0xFF) << (8 * i))
+                xs2 = dp4a(tl.full((BLOCK_M, BLOCK_KW), 0x01010101, tl.int32), xp, xs2, DP4A)  # sum of the 4 x
                 if BITS == 8:
                     e = words  # 4 offset-binary bytes = 4 unsigned codes
                 else:
@@ -129,7 +134,7 @@ def gemv_kernel(
     acc = tl.reduce(acc3, 2, tl.standard._sum_combine)
     wscale = tl.load(wscale_ptr + offs_n, mask=n_mask, other=0.0)
     if INT_MATH:
-        acc = acc - OFF * xsum[:, None]
+        acc = acc - OFF * tl.reduce(xs2, 1, tl.standard._sum_combine)[:, None]
         col_scale = s_x * wscale
     else:
         col_scale = wscale
@@ -139,12 +144,58 @@ def gemv_kernel(
              bias_ptr, so_ptr, so_stride, out_ptr, stride_om, SPLIT_K, HAS_BIAS, HAS_SO, INT8_OUT)
 
 
+def pack_x_kernel(x_ptr, out_ptr, si_ptr, K, KW, stride_xm,
+                  BITS: tl.constexpr, X_INT8: tl.constexpr, BLOCK_KW: tl.constexpr, WG: tl.constexpr):
+    """x [M, K] (float: quantized with the static scale; or int8) -> int32 [M, CPB, KW] in the GEMV's dp4a
+    order: element (t, kw) packs the int8 activations of k = g*GK + (i*CPB + t)*WG + w, i = 0..3, one per byte
+    (zero beyond K). Done once per call instead of once per thread of every GEMV program."""
+    PACK: tl.constexpr = 32 // BITS
+    GK: tl.constexpr = PACK * WG
+    CPB: tl.constexpr = PACK // 4
+    pid_m = tl.program_id(0)
+    offs_kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    kw_mask = offs_kw < KW
+    kbase = (offs_kw // WG) * GK + (offs_kw % WG)
+    s_x = tl.load(si_ptr)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+    for t in tl.static_range(CPB):
+        xp = tl.full((BLOCK_KW,), 0, tl.int32)
+        for i in tl.static_range(4):
+            offs_k = kbase + (i * CPB + t) * WG
+            xq = load_x_int8(x_row + offs_k, kw_mask & (offs_k < K), s_x, X_INT8).to(tl.int32)
+            xp = xp | ((xq & 0xFF) << (8 * i))
+        tl.store(out_ptr + pid_m.to(tl.int64) * (CPB * KW) + t * KW + offs_kw, xp, mask=kw_mask)
+
+
+@functools.cache
+def _build_pack(interpret_mode: bool):
+    return C.jit_kernel(pack_x_kernel, interpret_mode)
+
+
+def pack_x(x2: torch.Tensor, si: torch.Tensor, bits: int, kw: int) -> torch.Tensor:
+    """Quantize (unless int8) and pack activations for the GEMV: int32 ``[M, CPB * KW]``."""
+    m = x2.shape[0]
+    cpb = 32 // bits // 4
+    out = torch.empty(m, cpb * kw, dtype=torch.int32, device=x2.device)
+    block = 32 if C.interpret() else 256
+    _build_pack(C.interpret())[(m, triton.cdiv(kw, block))](
+        x2, out, si, x2.shape[1], kw, x2.stride(0), BITS=bits, X_INT8=x2.dtype == torch.int8, BLOCK_KW=block,
+        WG=C.WG, **C.launch_opts())
+    return out
+
+
+def prepack_default() -> bool:
+    """Integer GEMV: pre-pack x in a separate tiny kernel (default) or quantize+pack inside every program
+    (``GEMMA_MOBILE_GEMV_PREPACK=0``: one launch, but the packing work is repeated per thread)."""
+    return os.environ.get("GEMMA_MOBILE_GEMV_PREPACK", "1") != "0"
+
+
 @functools.cache
 def _build(interpret_mode: bool):
     if interpret_mode:
         return C.jit_kernel(gemv_kernel, interpret_mode)
     return triton.autotune(
-        configs=_configs(), key=["M_BUCKET", "N", "KW", "BITS", "INT_MATH", "X_INT8"],
+        configs=_configs(), key=["M_BUCKET", "N", "KW", "BITS", "INT_MATH", "X_INT8", "X_PACKED"],
         prune_configs_by={"early_config_prune": _prune}, warmup=5, rep=20,
     )(C.jit_kernel(gemv_kernel, interpret_mode))
 
@@ -164,11 +215,16 @@ def launch(
     dev = x2.device
     interp = C.interpret()
     kern = _build(interp)
+    config = dict(config) if config is not None else None
+    prepack = prepack_default() if config is None or "PREPACK" not in config else bool(config.pop("PREPACK"))
     if interp or config is not None:
         cfg = dict(INTERPRET_CONFIG if interp else GPU_DEFAULT_CONFIG, SPLIT_K=1)
         cfg.update(config or {})
     else:
         cfg = None
+    x_packed = int_math and prepack
+    if x_packed:
+        x2 = pack_x(x2, si, w.bits, kw)
     work, cnt = C.splitk_workspace(dev, m, n, triton.cdiv(n, 16) * triton.cdiv(m, block_m)) if int_math \
         else (C.dummy(dev, torch.int32), C.dummy(dev, torch.int32))
     if not int_math and cfg is not None and cfg.get("SPLIT_K", 1) != 1:
@@ -181,7 +237,7 @@ def launch(
     )
     meta = dict(BITS=w.bits, INT_MATH=int_math, X_INT8=x2.dtype == torch.int8, HAS_BIAS=bias is not None,
                 HAS_SO=so is not None, INT8_OUT=out.dtype == torch.int8, BLOCK_M=block_m, WG=C.WG,
-                DP4A=C.use_dp4a())
+                DP4A=C.use_dp4a(), X_PACKED=x_packed)
     if cfg is not None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, block_m), cfg["SPLIT_K"])
         fn = kern.fn if hasattr(kern, "configs") else kern

@@ -274,6 +274,9 @@ CASES = [
     (4, 1, 40, 257, "gemv", {"SPLIT_K": 3}, torch.bfloat16, ("col", "i8")),
     (8, 3, 21, 100, None, None, torch.float32, ("so", "x8", "wo")),
     (2, 4, 33, 129, "gemv", {"SPLIT_K": 2, "BLOCK_N": 32, "BLOCK_KW": 8}, torch.bfloat16, ("raw", "col")),
+    (4, 3, 26, 150, "gemv", {"PREPACK": False}, torch.bfloat16, ("so", "x8")),  # x quantized+packed in-kernel
+    (8, 1, 19, 90, "gemv", {"PREPACK": False, "SPLIT_K": 2}, torch.float32, ("i8",)),
+    (2, 2, 21, 70, "gemv", {"PREPACK": False}, torch.bfloat16, ("col",)),
     (4, 2, 20, 64, "gemm", None, torch.bfloat16, ("so", "wo")),
     (4, 2, 30, 200, "gemv", None, torch.bfloat16, ("wo", "x8")),
     (2, 16, 19, 200, None, None, torch.bfloat16, ("col", "i8")),
@@ -339,6 +342,8 @@ def test_triton_linear_matches_reference(case, triton_env):
     bits, m, n, k, kernel, config, xdtype, variants = case
     if not ON_CPU and config is None:
         config = {}  # GPU: one fixed config per test (autotuning is exercised by kernels.bench, with parity)
+    if config is not None and "PREPACK" in config and kernel != "gemv":
+        raise AssertionError("PREPACK is a gemv option")
     codes, w, ws, x, bias, si, so, so_col = _inputs(bits, m, n, k, xdtype, seed=hash(case[:4]) % 1000)
     for var in variants:
         _check_variant(var, x, w, codes, ws, bias, si, so, so_col, kernel, config)
@@ -459,7 +464,13 @@ def test_kernels_compile_for_sm90():
         pytest.skip(f"no bundled ptxas: {e!r}")
     rows = compile_check.main([])
     assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
-    by = {r["name"].split(" ")[0] + (" x8" if " x8 " in r["name"] else ""): r for r in rows}
-    assert by["gemm x8"].get("IGMMA", 1) > 0  # large-M int8 dot lowers to Hopper wgmma (int8)
-    assert by["gemv"].get("IDP", 1) > 0  # GEMV integer path: dp4a (4 int8 MACs per instruction)
+    def one(prefix: str) -> dict:
+        hits = [r for r in rows if r["name"].startswith(prefix)]
+        assert hits, prefix
+        return hits[0]
+
+    assert one("gemm b2 int x8").get("IGMMA", 1) > 0  # large-M int8 dot lowers to Hopper wgmma (int8)
+    assert one("gemm b2 int ").get("IMMA", 1) > 0  # small-M int8 dot: mma.sync
+    for name in ("gemv b2 int packed", "gemv b2 int "):  # GEMV integer path: dp4a (4 int8 MACs per instruction)
+        assert one(name).get("IDP", 1) > 0
     assert all(r.get("stack", 0) <= 64 for r in rows), "unexpected register spills"
