@@ -135,6 +135,15 @@ def run_case(label: str, k: int, n: int, bits: int, m: int, bench, kind: str, gl
             row[f"{other}_us"] = round(t_o * 1e3, 2)
         except Exception as e:  # noqa: BLE001
             row[f"{other}_err"] = repr(e)[:200]
+    if m <= 4 and kind == "linear":  # GEMV with x quantized+packed inside every program (one launch)
+        from .gemv import prepack_default
+
+        try:
+            t_f, _ = bench(lambda: ops.linear(x, w, ws, si, so, kernel="gemv",
+                                              config={"PREPACK": not prepack_default()}))
+            row["gemv_prepack_" + ("off" if prepack_default() else "on") + "_us"] = round(t_f * 1e3, 2)
+        except Exception as e:  # noqa: BLE001
+            row["gemv_prepack_toggle_err"] = repr(e)[:200]
     if bits in (2, 4) and gl_cache.get("enabled", True):
         lin, err = _gemlite(bits, codes, ws)
         if lin is None:

@@ -215,8 +215,11 @@ def launch(
     dev = x2.device
     interp = C.interpret()
     kern = _build(interp)
-    config = dict(config) if config is not None else None
-    prepack = prepack_default() if config is None or "PREPACK" not in config else bool(config.pop("PREPACK"))
+    prepack = prepack_default()
+    if config is not None and "PREPACK" in config:  # host-side option, not a kernel meta-parameter
+        config = dict(config)
+        prepack = bool(config.pop("PREPACK"))
+        config = config or None
     if interp or config is not None:
         cfg = dict(INTERPRET_CONFIG if interp else GPU_DEFAULT_CONFIG, SPLIT_K=1)
         cfg.update(config or {})
