@@ -216,3 +216,40 @@ def greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
     return out[0, len(prompt_ids):].tolist()
+
+
+def _bf16_ulp(v: float) -> float:
+    import math
+
+    return 2.0 ** (math.floor(math.log2(max(abs(v), 1e-30))) - 7)
+
+
+@torch.no_grad()
+def compare_greedy(model, cases: list[tuple[list[int], list[int], list[float]]], max_lp_diff: float,
+                   max_ties: int | None = None) -> dict:
+    """Check vLLM greedy outputs `cases` = [(prompt_ids, tokens, logprobs_of_tokens)] against a HF reference.
+
+    Teacher-forced on vLLM's tokens, the reference's argmax must equal vLLM's token at every step, except at
+    bf16 near-ties: reference logits of both tokens within 2 bf16 ulps (logits are bf16 on both sides: 0.125 to
+    0.25 at |logit| 16-64). Chosen-token log-probs must agree within `max_lp_diff` nats. At most `max_ties`
+    (default: one per prompt) tie flips in total."""
+    ties, worst, first_diff = 0, 0.0, []
+    for prompt, got, lps in cases:
+        ids = torch.tensor([list(prompt) + list(got)])
+        logits = model(ids).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        n = len(prompt)
+        for step, tok in enumerate(got):
+            row = logits[n - 1 + step]
+            ref = int(row.argmax())
+            if ref != tok:
+                margin = float(row[ref] - row[tok])
+                assert margin <= 2 * _bf16_ulp(float(row[ref])), (
+                    f"prompt {prompt[:8]}... step {step}: vLLM {tok} vs reference {ref}, margin {margin:.3f}")
+                ties += 1
+                first_diff.append(step)
+            worst = max(worst, abs(lps[step] - float(lp[n - 1 + step, tok])))
+    assert worst < max_lp_diff, f"max |logprob diff| {worst:.3f} >= {max_lp_diff}"
+    limit = len(cases) if max_ties is None else max_ties
+    assert ties <= limit, f"{ties} near-tie flips in {len(cases)} prompts"
+    return {"ties": ties, "tie_steps": first_diff, "max_logprob_diff": round(worst, 4)}

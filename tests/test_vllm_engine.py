@@ -7,7 +7,6 @@ Engines run with --enforce-eager, small max_model_len and a 1 GiB KV cache (2 sh
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures_ckpt import fake_quant_reference, write_mobile_checkpoint  # noqa: E402
+from fixtures_ckpt import compare_greedy, fake_quant_reference, write_mobile_checkpoint  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection below
@@ -75,44 +74,15 @@ def test_engine_uses_plugin_and_one_table(llm):
     assert [k["bits"] for k in info["kv"]] == [8, 8, 8, 8, 8, 4]
 
 
-def _bf16_ulp(v: float) -> float:
-    return 2.0 ** (math.floor(math.log2(max(abs(v), 1e-30))) - 7)
-
-
-def check_greedy_against_reference(outs, model, max_lp_diff: float) -> dict:
-    """Teacher-forced on vLLM's tokens, the reference's argmax must equal vLLM's token at every step, except
-    at bf16 near-ties: the reference logits of both tokens within 2 bf16 ulps (logits are bf16 on both sides,
-    ~0.125-0.25 at |logit| 16-64). Chosen-token log-probs must agree within `max_lp_diff` nats."""
-    ties, worst = 0, 0.0
-    for o in outs:
-        got = list(o.outputs[0].token_ids)
-        ids = torch.tensor([list(o.prompt_token_ids) + got])
-        with torch.no_grad():
-            logits = model(ids).logits[0].float()
-        lp = torch.log_softmax(logits, -1)
-        n = len(o.prompt_token_ids)
-        for step, tok in enumerate(got):
-            row = logits[n - 1 + step]
-            ref = int(row.argmax())
-            if ref != tok:
-                margin = float(row[ref] - row[tok])
-                assert margin <= 2 * _bf16_ulp(float(row[ref])), (
-                    f"{o.prompt!r} step {step}: vLLM {tok} vs reference {ref}, margin {margin:.3f}")
-                ties += 1
-            d = abs(o.outputs[0].logprobs[step][tok].logprob - float(lp[n - 1 + step, tok]))
-            worst = max(worst, d)
-    assert worst < max_lp_diff, worst
-    assert ties <= len(outs), f"{ties} near-tie flips in {len(outs)} prompts"
-    return {"ties": ties, "max_logprob_diff": worst}
-
-
 def test_greedy_matches_contract_reference(llm, mobile_tiny):
     """32 greedy tokens on 6 prompts equal the contract-exact fake-quant reference (HF Gemma 3, bf16,
-    KV unquantized like the plugin in this version), up to bf16 near-ties (see check_greedy_against_reference).
+    KV unquantized like the plugin in this version), up to bf16 near-ties (see fixtures_ckpt.compare_greedy).
     The int8 parts are exact on both sides; attention / norms / lm_head differ in bf16 rounding."""
     outs = llm.generate(PROMPTS, _greedy(logprobs=1))
     model, _ = fake_quant_reference(mobile_tiny)
-    print(check_greedy_against_reference(outs, model, max_lp_diff=0.35))
+    cases = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
+              [d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
+    print(compare_greedy(model, cases, max_lp_diff=0.35))
 
 
 def test_16_concurrent_equal_serial(llm):

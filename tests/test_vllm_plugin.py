@@ -231,8 +231,8 @@ def test_row_parallel_tp_shards_reduce_before_output_requant(dist_env, monkeypat
         layer.quant_method.process_weights_after_loading(layer)
         assert layer.gm_allreduce and not layer.reduce_results
         outs.append(layer.quant_method.apply(layer, x[:, rank * 64:(rank + 1) * 64]))
-    y = partial[0] + partial[1]  # what a real all-reduce returns on both ranks
-    out = cpu_ops.requant_int8(y, torch.tensor(0.03), torch.bfloat16)
+    y = partial[0] + partial[1]  # what a real all-reduce returns on both ranks (y / s_y, folded)
+    out = cpu_ops.requant_scaled_int8(y, torch.tensor(0.03), torch.bfloat16)
     assert (out != ref(x)).float().mean() < 0.01
 
 

@@ -2,18 +2,20 @@
 
 * Quantized linears (wNa8o8): the signed weight codes are held as int8 inside a oneDNN int8 GEMM handle
   (`create_onednn_scaled_mm`, the kernel behind vLLM's `CPUInt8ScaledMMLinearKernel`, AMX/VNNI), the input is
-  quantized with vLLM's `static_scaled_int8_quant` (round-half-to-even, saturating to [-128, 127] — checked in
-  tests), the GEMM accumulates in int32 and its epilogue returns `acc * (s_x * weight_scale[n])` in float32;
-  the output requantization `clamp(round_half_even(y / s_y), -128, 127) * s_y` runs in float32 in torch.
+  quantized with vLLM's `static_scaled_int8_quant` (x * (1/s_x) in f32, round-half-to-even, saturating to
+  [-128, 127] — checked in tests), the GEMM accumulates in int32 and its f32 epilogue returns
+  `acc * s_x * (weight_scale[n] / s_y)`; `static_scaled_int8_quant` with scale 1 rounds/clamps that to the
+  output codes, which are multiplied by s_y (f32) and cast to the activation dtype.
 * Weight-only tied embedding / lm_head: the 2/4-bit codes are held once, in the blocked uint4b8 layout of
   vLLM's `cpu_gemm_wna16` (channel-wise: one group spanning K, bf16 scales); the lm_head GEMM reads it
   directly and `gather_rows` pulls embedding rows out of the same buffer.
 
-Float rounding vs the contract: the integer products are exact; `acc * s_x * weight_scale` is one or two
-float32 roundings inside oneDNN (the contract writes one product `s_x * weight_scale[n]`), so `y` may differ
-in the last float32 bit, which can flip `round(y / s_y)` only when `y / s_y` lies within ~1e-7 relative of a
-.5 boundary. The lm_head multiplies by bf16 scales (exactly the reference's bf16 dequantized weights for
-|q| in {0, 1, 2, 4, 8}) and accumulates in float32 inside the kernel.
+Float rounding vs the contract: the integer products are exact; the f32 quotients x/s_x and y/s_y are
+formed as products with reciprocals / folded scales, so they can differ from IEEE division by a few ulp,
+which flips a rounded int8 value only when the quotient lies within ~1e-7 relative of a .5 boundary
+(0 flips seen in 1M bf16 inputs; the bf16 reference itself rounds at ~4e-3). The lm_head multiplies by bf16
+copies of the scales (exactly the reference's bf16 dequantized weights for |q| in {0, 1, 2, 4, 8}) and the
+AMX kernel accumulates in f32 over bf16 products.
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ class OneDNNInt8GEMM:
 def requant_int8(y: torch.Tensor, output_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """`clamp(round_half_even(y / s_y), -128, 127) * s_y` in float32 (in place on y), then cast."""
     return y.div_(output_scale).round_().clamp_(-128.0, 127.0).mul_(output_scale).to(out_dtype)
+
+
+_ONE = torch.ones(1, dtype=torch.float32)
+
+
+def requant_scaled_int8(z: torch.Tensor, output_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """z = y / s_y already (folded into the GEMM): `clamp(round_half_even(z), -128, 127) * s_y`, then cast."""
+    q = torch.empty(z.shape, dtype=torch.int8)
+    torch.ops._C.static_scaled_int8_quant(q, z, _ONE, None)
+    return torch.mul(q, output_scale).to(out_dtype)
 
 
 # ---------------------------------------------------------------- weight-only table (embedding + lm_head)

@@ -5,6 +5,11 @@ Numerics (docs/checkpoint-format.md), per shard of a fused layer with its own `s
     acc = x_q @ q^T                                                        int32, exact
     y   = acc * (s_x * weight_scale[n]) (+ bias)                           float32
     out = clamp(round_half_even(y / s_y), -128, 127) * s_y                 float32 -> activation dtype
+CPU backend, where float rounding can differ from that (and from the bf16 reference, which also rounds x/s_x,
+the matmul and y/s_y in bf16): x/s_x is computed as x * (1/s_x) in f32 by vLLM's static_scaled_int8_quant,
+and y/s_y as acc * s_x * (weight_scale[n] / s_y) in oneDNN's f32 epilogue (1/s_y folded into the per-channel
+scale). The integer part is exact; the f32 quotients differ by at most a few ulp, which changes a rounded
+int8 value only when the quotient lies within ~1e-7 relative of a .5 boundary.
 Fused layers (qkv_proj, gate_up_proj) keep one input/output scale per shard (`PerTensorScaleParameter`).
 Shards whose input scales are equal share one int8 quantization of x and one GEMM; otherwise each run of
 equal-scale shards gets its own quantization and GEMM. Output scales become a per-column vector.
@@ -145,7 +150,11 @@ class GemmaMobileLinearMethod(LinearMethodBase):
             layer.reduce_results = False
         if self.backend == "cpu":
             codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
-            layer.gm_gemms = [cpu_ops.OneDNNInt8GEMM(codes[a:b], ws[a:b], sx) for a, b, sx in layer.gm_groups]
+            # fold 1/s_y into the GEMM's per-channel scales: the epilogue yields y / s_y directly
+            inv = None if col_scale is None else (1.0 / col_scale.expand(sum(shards)))
+            eff = ws if inv is None else ws * inv
+            layer.gm_inv_out = inv
+            layer.gm_gemms = [cpu_ops.OneDNNInt8GEMM(codes[a:b], eff[a:b], sx) for a, b, sx in layer.gm_groups]
             del codes
         else:
             from kernels.layout import from_compressed_tensors
@@ -175,10 +184,14 @@ class GemmaMobileLinearMethod(LinearMethodBase):
 
                 y = tensor_model_parallel_all_reduce(y)
                 bias = getattr(layer, "bias", None) if not layer.skip_bias_add else None  # every rank, once
-            if bias is not None:
-                y += bias.to(torch.float32)
-            out = cpu_ops.requant_int8(y, layer.gm_output_scale, x.dtype) if layer.gm_output_scale is not None \
-                else y.to(x.dtype)
+            if layer.gm_output_scale is not None:
+                if bias is not None:
+                    y += bias.to(torch.float32) * layer.gm_inv_out
+                out = cpu_ops.requant_scaled_int8(y, layer.gm_output_scale, x.dtype)
+            else:
+                if bias is not None:
+                    y += bias.to(torch.float32)
+                out = y.to(x.dtype)
         else:
             from kernels import ops as kops
 
