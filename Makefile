@@ -28,7 +28,7 @@ base: venv
 	$(BIN)/gemma-mobile base gemma3-270m --out $(BASE)
 
 mobile: base
-	test -f $(MOBILE)/config.json || $(BIN)/gemma-mobile quantize $(BASE) --recipe $(RECIPE) --out $(MOBILE)
+	$(BIN)/gemma-mobile quantize $(BASE) --recipe $(RECIPE) --out $(MOBILE) --reuse
 
 report: mobile
 	$(BIN)/gemma-mobile report $(MOBILE)
@@ -38,7 +38,7 @@ demo: mobile
 	$(BIN)/gemma-mobile serve $(MOBILE)
 
 test: venv
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -rfEs --durations=15 tests
 
 # Re-freeze the environment (after a deliberate upgrade): keeps the header of the current lock.
 lock: venv

@@ -28,3 +28,24 @@ def tiny_gemma4(tmp_path_factory) -> Path:
     from vllm_gemma_mobile.models.tiny import build_tiny
 
     return build_tiny("gemma4", tmp_path_factory.mktemp("tiny") / "gemma4")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def real_base() -> Path:
+    """The real google/gemma-3-270m (bf16, from the PyPI GGUF), built once per machine."""
+    from vllm_gemma_mobile.models.gemma3_base import build_base
+
+    return build_base("gemma3-270m", cache_dir() / "gemma3-270m-bf16")
+
+
+@pytest.fixture(scope="session")
+def real_mobile(real_base) -> Path:
+    """The real 270M through recipes/gemma3_mobile_ptq.yaml (recipe defaults), the same checkpoint `make demo`
+    serves; rebuilt only when the base, recipe or quantize code changes."""
+    from vllm_gemma_mobile.quantize.run import quantize
+
+    return quantize(real_base, REPO / "recipes" / "gemma3_mobile_ptq.yaml", cache_dir() / "gemma3-270m-mobile",
+                    reuse=True)

@@ -30,7 +30,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from vllm_gemma_mobile.quantize.run import quantize
 
     path = quantize(a.base, a.recipe, a.out, num_samples=a.num_samples, seq_len=a.seq_len,
-                    overrides=dict(kv.split("=", 1) for kv in a.set))
+                    overrides=dict(kv.split("=", 1) for kv in a.set), reuse=a.reuse)
     print(path)
 
 
@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (recipe default)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe option, e.g. --set embed_bits=4")
+    s.add_argument("--reuse", action="store_true",
+                   help="keep OUT if it was built from the same base, recipe, options and code")
     s.set_defaults(func=_cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity, greedy agreement and KL vs a reference (transformers fake quant)")

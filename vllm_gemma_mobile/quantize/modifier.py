@@ -100,6 +100,18 @@ class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
 
 
 
+    def compress_modules(self):
+        # GPTQ's column loop is a long chain of tiny ops: OpenMP threads add only synchronization. Measured on
+        # this 2-core machine (K=2048, N=640, 4-bit): 1 thread 1.8 s, 2 threads 50 s while the other core is
+        # busy. Calibration forwards keep all threads.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().compress_modules()
+        finally:
+            torch.set_num_threads(threads)
+
+
 class MobileQuantizationModifier(_MobileSchemeMixin, QuantizationModifier):
     """Round-to-nearest weights (recipe's observer) + static int8 in/out activations + static int KV."""
 

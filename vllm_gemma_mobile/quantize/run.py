@@ -191,13 +191,40 @@ def save_mobile(cal: Calibrated, out: str | Path) -> Path:
     return out
 
 
-def quantize(base: str | Path, recipe: str | Path, out: str | Path, **kwargs) -> Path:
+BUILD_KEY = ".gemma_mobile_build_key"
+
+
+def build_key(base: str | Path, recipe: str | Path, kwargs: dict) -> str:
+    """What a checkpoint was built from: base model files, recipe text, options, and our quantize/scheme code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    base = Path(base)
+    for f in sorted(base.glob("*.json")) + sorted(base.glob("*.safetensors")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+    h.update(Path(recipe).read_bytes())
+    h.update(json.dumps({k: v for k, v in kwargs.items() if k != "dataset"}, sort_keys=True, default=str).encode())
+    pkg = Path(__file__).resolve().parents[1]
+    for f in sorted(pkg.glob("quantize/*.py")) + sorted(pkg.glob("scheme/*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def quantize(base: str | Path, recipe: str | Path, out: str | Path, *, reuse: bool = False, **kwargs) -> Path:
     """`gemma-mobile quantize`: calibrate BASE with RECIPE and save the mobile checkpoint at OUT; returns OUT.
 
-    Keyword arguments are those of `calibrate`. A failure leaves an existing OUT untouched.
+    Keyword arguments are those of `calibrate`. A failure leaves an existing OUT untouched. With `reuse`, an
+    OUT built from the same base, recipe, options and code (build key) is returned as is.
     """
+    out = Path(out)
+    key = build_key(base, recipe, kwargs)
+    if reuse and (out / BUILD_KEY).exists() and (out / BUILD_KEY).read_text() == key:
+        logger.info("%s is up to date (same base, recipe, options and code): reusing it", out)
+        return out
     t0 = time.time()
-    out = save_mobile(calibrate(base, recipe, **kwargs), out)
+    cal = calibrate(base, recipe, **kwargs)
+    out = save_mobile(cal, out)
+    (out / BUILD_KEY).write_text(key)
     logger.info("saved %s in %.0f s", out, time.time() - t0)
     return out
 
