@@ -75,13 +75,9 @@ def copy_bandwidth(bench) -> float:
 
 def _gemlite(bits: int, w_codes: torch.Tensor, ws: torch.Tensor):
     try:
-        from gemlite.helper import A16W2_HQQ_INT, A16W4_HQQ_INT, A16W8_INT8  # noqa: F401
-    except Exception:  # noqa: BLE001
-        try:
-            from gemlite.helper import A16W2_HQQ_INT, A16W4_HQQ_INT  # noqa: F401
-        except Exception as e:  # noqa: BLE001
-            return None, f"gemlite unavailable: {e!r}"[:200]
-    import gemlite.helper as gh
+        import gemlite.helper as gh
+    except Exception as e:  # noqa: BLE001
+        return None, f"gemlite unavailable: {e!r}"[:200]
 
     cls = {4: getattr(gh, "A16W4_HQQ_INT", None), 2: getattr(gh, "A16W2_HQQ_INT", None)}.get(bits)
     if cls is None:

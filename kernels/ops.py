@@ -35,7 +35,8 @@ def select_backend(device: torch.device, backend: Optional[str] = None) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if b not in BACKENDS:
         raise ValueError(f"unknown backend {b!r}: expected one of {BACKENDS}")
-    if b == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if b == "triton" and device.type != "cuda" and not interp:
         raise ValueError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1")
     return b
 
