@@ -77,6 +77,11 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
             if self.bits > 4:
                 raise ValueError("gemma_mobile: the CPU backend serves 2/4-bit embedding tables (4-bit "
                                  f"cpu_gemm_wna16 containers); this checkpoint has {self.bits}-bit")
+            n_rows, k_cols = codes.shape
+            if n_rows % 32 or k_cols % 32:
+                raise ValueError(f"gemma_mobile: the CPU lm_head kernel (cpu_gemm_wna16) needs vocab and hidden "
+                                 f"sizes that are multiples of 32, got {n_rows} x {k_cols}; set "
+                                 "GEMMA_MOBILE_BACKEND=torch to use the (slow) torch reference ops instead")
             layer.gm_table = cpu_ops.to_wna16_table(codes)
             layer.gm_scale_f32 = ws.contiguous()
             layer.gm_scale_row = ws.to(layer.params_dtype).view(1, -1).contiguous()
