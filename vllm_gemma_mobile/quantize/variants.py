@@ -32,14 +32,15 @@ def _find(ckpt: Path, key: str) -> tuple[Path, torch.Tensor]:
     raise KeyError(f"{ckpt}: no tensor {key}")
 
 
-def quantize_table(weight: torch.Tensor, bits: int, observer: str = "mse") -> dict[str, torch.Tensor]:
+def quantize_table(weight: torch.Tensor, bits: int, observer: str = "mse",
+                   observer_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-row symmetric `bits` quantization of an embedding table with llmcompressor's (memoryless) observer,
     packed like compressed-tensors' pack-quantized format: weight_packed / weight_scale / weight_shape."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from llmcompressor.observers import Observer
 
-    args = weight_args(bits, observer)
+    args = weight_args(bits, observer, observer_kwargs=observer_kwargs)
     name = {"mse": "memoryless_mse", "minmax": "memoryless_minmax"}.get(observer, observer)
     qparams = Observer.load_from_registry(name, base_name="weight", args=args)(weight).get_qparams()
     scale, zero_point = qparams["scale"].to(weight.dtype), qparams["zero_point"]
@@ -54,7 +55,13 @@ def requantize_embedding(ckpt: str | Path, base: str | Path, bits: int, out: str
     _check_bits(bits, "embed_bits")
     ckpt, base, out = Path(ckpt), Path(base), Path(out)
     _, table = _find(base, f"{EMBED}.weight")
-    new = {f"{EMBED}.{k}": v for k, v in quantize_table(table, bits, observer).items()}
+    config = json.loads((ckpt / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    hits = [g for g in groups.values() if any(t.endswith("embed_tokens$") for t in g["targets"])]
+    if len(hits) != 1:
+        raise ValueError(f"{ckpt}: expected one config group for embed_tokens, found {len(hits)}")
+    kwargs = hits[0]["weights"].get("observer_kwargs") or {}
+    new = {f"{EMBED}.{k}": v for k, v in quantize_table(table, bits, observer, kwargs).items()}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ckpt, tmp)
@@ -64,11 +71,6 @@ def requantize_embedding(ckpt: str | Path, base: str | Path, bits: int, out: str
         metadata = f.metadata()
     tensors.update(new)
     save_file(tensors, shard, metadata=metadata)
-    config = json.loads((tmp / "config.json").read_text())
-    groups = config["quantization_config"]["config_groups"]
-    hits = [g for g in groups.values() if any(t.endswith("embed_tokens$") for t in g["targets"])]
-    if len(hits) != 1:
-        raise ValueError(f"{ckpt}: expected one config group for embed_tokens, found {len(hits)}")
     hits[0]["weights"]["num_bits"] = bits
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if out.exists():
