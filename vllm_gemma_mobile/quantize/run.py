@@ -203,7 +203,8 @@ def build_key(base: str | Path, recipe: str | Path, kwargs: dict) -> str:
     for f in sorted(base.glob("*.json")) + sorted(base.glob("*.safetensors")):
         h.update(f.name.encode() + str(f.stat().st_size).encode())
     h.update(Path(recipe).read_bytes())
-    h.update(json.dumps({k: v for k, v in kwargs.items() if k != "dataset"}, sort_keys=True, default=str).encode())
+    options = {k: v for k, v in kwargs.items() if k != "dataset" and v not in (None, {}, [])}  # CLI == API
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
     pkg = Path(__file__).resolve().parents[1]
     for f in sorted(pkg.glob("quantize/*.py")) + sorted(pkg.glob("scheme/*.py")):
         h.update(f.read_bytes())
