@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 # Refresh whenever the lock or the project metadata changes.
 $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q pip==25.3
+	$(BIN)/python -m pip install -q pip==25.3 setuptools==78.1.1 wheel==0.45.1
 	$(BIN)/python -m pip install -q --no-deps -r requirements/cpu.lock
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
