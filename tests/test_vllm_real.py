@@ -26,19 +26,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, there was a little gir
 N_TOKENS = 32
 
 
-@pytest.fixture(scope="module")
-def real_mobile() -> Path:
-    from conftest import cache_dir
-
-    from vllm_gemma_mobile.models.gemma3_base import build_base
-
-    base = build_base("gemma3-270m", cache_dir() / "gemma3-270m-bf16")
-    out = cache_dir() / "gemma3-270m-mobile"
-    if not (out / "config.json").exists():
-        from vllm_gemma_mobile.quantize.run import quantize
-
-        quantize(str(base), str(Path(__file__).parents[1] / "recipes" / "gemma3_mobile_ptq.yaml"), str(out))
-    return out
+# `real_mobile` (conftest): the recipe checkpoint `make demo` serves, rebuilt when its build key changes.
 
 
 def _post(url: str, body: dict):
