@@ -133,6 +133,12 @@ def test_bad_recipe_inputs(tiny_gemma3, tmp_path):
     with pytest.raises(ValueError, match="3-bit is not supported"):
         quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "x", num_samples=2, seq_len=16,
                  overrides={"mlp_bits": "3"})
+    ignored = tmp_path / "ignored.yaml"  # llmcompressor skips these groups / stages without a word
+    for text in ("ptq_stage:\n  mods:\n    MobileGPTQModifier:\n      preset: gemma3\n",
+                 "stage:\n  quant_modifiers:\n    MobileGPTQModifier:\n      preset: gemma3\n"):
+        ignored.write_text(text)
+        with pytest.raises(ValueError, match="_modifiers.*_stage"):
+            quantize(tiny_gemma3, ignored, tmp_path / "w", num_samples=2, seq_len=16)
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage:\n  mods:\n    QuantizationModifier:\n      scheme: W4A16\n")
     with pytest.raises(ValueError, match="expected exactly one of"):
@@ -156,3 +162,17 @@ def test_embedding_variant_equals_full_rerun(tiny_gemma3, mobile_tiny_gemma3, tm
     qa = json.loads((variant / "config.json").read_text())["quantization_config"]
     qb = json.loads((full / "config.json").read_text())["quantization_config"]
     assert qa["config_groups"] == qb["config_groups"]
+
+
+def test_rtn_modifier_recipe(tiny_gemma4, tmp_path):
+    """MobileQuantizationModifier (round-to-nearest weights) from a user recipe, with options in the YAML."""
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text("rtn_stage:\n  mobile_modifiers:\n    MobileQuantizationModifier:\n      preset: gemma4-e4b\n"
+                      "      options:\n        embed_bits: 4\n        kv_bits: {sliding_attention: 8, full_attention: 8}\n")
+    ckpt = quantize(tiny_gemma4, recipe, tmp_path / "rtn", num_samples=4, seq_len=32)
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc["gemma_mobile"]["kv_cache"]["layer_bits"] == [8, 8, 8, 8, None, None]
+    t = tensors(ckpt)
+    v, h = t["model.embed_tokens.weight_shape"].tolist()
+    assert t["model.embed_tokens.weight_packed"].shape == (v, h // 8)
+    assert all(torch.isfinite(x.float()).all() and (x.float() > 0).all() for k, x in t.items() if k.endswith("_scale"))

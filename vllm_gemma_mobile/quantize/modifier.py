@@ -65,6 +65,18 @@ class _MobileSchemeMixin:
                 module.quantization_scheme = scheme.model_copy(
                     update={"input_activations": kv_args(bits, scheme.input_activations.observer)})
 
+    # llmcompressor lifecycle hooks, shared by both modifiers (the mixin precedes their base in the MRO)
+    def on_initialize(self, state, **kwargs) -> bool:
+        self._setup_mobile(state.model)
+        ok = super().on_initialize(state, **kwargs)
+        self._apply_kv_layer_bits(state.model)
+        workarounds.poison_uncalibrated_scales(state.model)
+        return ok
+
+    def on_end(self, state, event, **kwargs):
+        self._finish(state.model)
+        return super().on_end(state, event, **kwargs)
+
     def _finish(self, model: torch.nn.Module) -> None:
         fixed = workarounds.finish_calibration_outside_layers(model)
         if fixed:
@@ -87,19 +99,6 @@ class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
     _mobile_scheme: Any = PrivateAttr(None)
     _mobile_expanded: Any = PrivateAttr(None)
 
-    def on_initialize(self, state, **kwargs) -> bool:
-        self._setup_mobile(state.model)
-        ok = super().on_initialize(state, **kwargs)
-        self._apply_kv_layer_bits(state.model)
-        workarounds.poison_uncalibrated_scales(state.model)
-        return ok
-
-    def on_end(self, state, event, **kwargs):
-        self._finish(state.model)
-        return super().on_end(state, event, **kwargs)
-
-
-
     def compress_modules(self):
         # GPTQ's column loop is a long chain of tiny ops: OpenMP threads add only synchronization. Measured on
         # this 2-core machine (K=2048, N=640, 4-bit): 1 thread 1.8 s, 2 threads 50 s while the other core is
@@ -119,17 +118,6 @@ class MobileQuantizationModifier(_MobileSchemeMixin, QuantizationModifier):
     options: dict[str, Any] = Field(default_factory=dict)
     _mobile_scheme: Any = PrivateAttr(None)
     _mobile_expanded: Any = PrivateAttr(None)
-
-    def on_initialize(self, state, **kwargs) -> bool:
-        self._setup_mobile(state.model)
-        ok = super().on_initialize(state, **kwargs)
-        self._apply_kv_layer_bits(state.model)
-        workarounds.poison_uncalibrated_scales(state.model)
-        return ok
-
-    def on_end(self, state, event, **kwargs):
-        self._finish(state.model)
-        return super().on_end(state, event, **kwargs)
 
 
 for _cls in (MobileGPTQModifier, MobileQuantizationModifier):

@@ -40,22 +40,31 @@ def _parse_value(text: str) -> Any:
 
 
 def load_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None) -> tuple[str, dict]:
-    """Read a recipe YAML, apply `overrides` to the options of its mobile modifier; returns (yaml, options)."""
+    """Read a recipe YAML, apply `overrides` to the options of its mobile modifier.
+
+    Returns (recipe yaml, {"preset": ..., "options": ...} of that modifier)."""
     data = yaml.safe_load(Path(recipe).read_text())
     found = []
-    for stage in data.values():
-        for group in (stage or {}).values():
-            for name, args in (group or {}).items():
+    # llmcompressor's Recipe.from_dict silently ignores stages not named `*_stage` and groups not named
+    # `*_modifiers` (nothing runs, no error): read the recipe exactly the same way, and fail below instead.
+    for stage_key, stage in data.items():
+        if not (stage_key.endswith("_stage") and isinstance(stage, dict)):
+            continue
+        for group_key, group in stage.items():
+            if not (group_key.endswith("_modifiers") and isinstance(group, dict)):
+                continue
+            for name, args in group.items():
                 if name in MOBILE_MODIFIERS:
                     found.append(args)
     if len(found) != 1:
-        raise ValueError(f"{recipe}: expected exactly one of {MOBILE_MODIFIERS}, found {len(found)}")
+        raise ValueError(f"{recipe}: expected exactly one of {MOBILE_MODIFIERS} in a `<name>_modifiers:` group "
+                         f"of a `<name>_stage:`, found {len(found)}")
     args = found[0]
     options = dict(args.get("options") or {})
     for key, value in (overrides or {}).items():
         options[key] = _parse_value(value) if isinstance(value, str) else value
     args["options"] = options
-    return yaml.safe_dump(data, sort_keys=False), options
+    return yaml.safe_dump(data, sort_keys=False), {"preset": args.get("preset", "gemma3"), "options": options}
 
 
 def calibration_token_ids(tokenizer, num_samples: int, seq_len: int) -> list[list[int]]:
@@ -129,16 +138,16 @@ def calibrate(base: str | Path, recipe: str | Path, *, num_samples: int | None =
     """
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.core import active_session
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_gemma_mobile.quantize.modifier import MobileGPTQModifier, MobileQuantizationModifier
+    from vllm_gemma_mobile.quantize.modifier import quantizable_module_names  # also registers the modifiers
+    from vllm_gemma_mobile.scheme import expand, preset
 
     workarounds.stub_granitemoe_import()
     base = Path(base)
     num_samples = num_samples or DEFAULT_NUM_SAMPLES
     seq_len = seq_len or DEFAULT_SEQ_LEN
-    recipe_yaml, _ = load_recipe(recipe, overrides)
+    recipe_yaml, mobile_args = load_recipe(recipe, overrides)
 
     tokenizer = None
     if (base / "tokenizer_config.json").exists() or (base / "tokenizer.json").exists():
@@ -152,6 +161,10 @@ def calibrate(base: str | Path, recipe: str | Path, *, num_samples: int | None =
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     workarounds.allow_gemma4_per_layer_attributes(model.config)
+    # The same expansion the modifier performs at initialize: validates the options before calibrating and
+    # gives the checkpoint's metadata (per-layer KV bits) without reaching into llmcompressor's session.
+    scheme = preset(mobile_args["preset"], model.config, **mobile_args["options"])
+    metadata = expand(scheme, model.config, quantizable_module_names(model)).metadata(scheme)
     pipeline = pipeline or workarounds.calibration_pipeline(model.config)
     logger.info("calibrating %s on %d sequences (<= %d tokens), pipeline=%s", base, len(ids), seq_len, pipeline)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,11 +174,6 @@ def calibrate(base: str | Path, recipe: str | Path, *, num_samples: int | None =
             model = oneshot(model=model, processor=tokenizer, recipe=str(recipe_path), dataset=calib,
                             num_calibration_samples=len(ids), max_seq_length=max(len(s) for s in ids),
                             pipeline=pipeline, shuffle_calibration_samples=False)
-    mobile = [m for m in active_session().lifecycle.recipe.modifiers
-              if isinstance(m, (MobileGPTQModifier, MobileQuantizationModifier))]
-    if len(mobile) != 1:
-        raise QuantizeError(f"{recipe}: expected one mobile modifier to have run, found {len(mobile)}")
-    metadata = mobile[0].mobile_expanded.metadata(mobile[0].mobile_scheme)
     _drop_kv_scales_without_cache(model, metadata["kv_cache"]["layer_bits"])
     check_scales(model)
     _retie_embeddings(model)
