@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -73,9 +72,7 @@ def test_bos_matters(loaded):
 
 def test_second_build_is_a_cache_hit(base):
     mtime = (base / "model.safetensors").stat().st_mtime_ns
-    t = time.perf_counter()
-    assert build_base("gemma3-270m", base) == base
-    assert time.perf_counter() - t < 2.0
+    assert build_base("gemma3-270m", base) == base  # no rebuild: the files are untouched
     assert (base / "model.safetensors").stat().st_mtime_ns == mtime and is_complete(base)
 
 

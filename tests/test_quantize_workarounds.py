@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import vllm_gemma_mobile.quantize.run as run
 import vllm_gemma_mobile.quantize.workarounds as workarounds

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from vllm_gemma_mobile.models.tiny import tiny_gemma3_config, tiny_gemma4_config
 from vllm_gemma_mobile.scheme import MobileScheme, SchemeError, expand, kv_sharing, preset
