@@ -31,10 +31,10 @@ mobile: base
 	$(BIN)/gemma-mobile quantize $(BASE) --recipe $(RECIPE) --out $(MOBILE) --reuse
 
 report: mobile
-	$(BIN)/gemma-mobile report $(MOBILE)
+	$(BIN)/gemma-mobile report $(MOBILE) --json
 
 demo: mobile
-	$(BIN)/gemma-mobile report $(MOBILE)
+	$(BIN)/gemma-mobile report $(MOBILE) --json
 	$(BIN)/gemma-mobile serve $(MOBILE)
 
 test: venv
