@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -253,3 +254,79 @@ def compare_greedy(model, cases: list[tuple[list[int], list[int], list[float]]],
     limit = len(cases) if max_ties is None else max_ties
     assert ties <= limit, f"{ties} near-tie flips in {len(cases)} prompts"
     return {"ties": ties, "tie_steps": first_diff, "max_logprob_diff": round(worst, 4)}
+
+
+# ------------------------------------------------------------------ `gemma-mobile serve` in tests
+
+def post(url: str, body: dict, stream: bool = False, timeout: float = 600):
+    """POST JSON; with `stream`, the list of SSE `data:` chunks (without [DONE])."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        if not stream:
+            return json.loads(r.read())
+        chunks = []
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+        return chunks
+
+
+def group_alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@contextmanager
+def served(model: str | Path, log_path: Path, max_model_len: int, health_timeout: float = 900):
+    """Run `gemma-mobile serve MODEL` on a free 127.0.0.1 port (own process group), wait for /health, yield
+    (process, base URL); always stopped afterwards: SIGINT if still running, then SIGKILL to the group."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_gemma_mobile.cli", "serve", str(model), "--port", str(port),
+                             "--enforce-eager", "--max-model-len", str(max_model_len)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, Path(log_path).read_text()[-4000:]
+            assert time.monotonic() - t0 < health_timeout, "server did not become healthy"
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()

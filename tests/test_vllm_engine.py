@@ -6,21 +6,18 @@ Engines run with --enforce-eager, small max_model_len and a 1 GiB KV cache (2 sh
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures_ckpt import compare_greedy, fake_quant_reference, write_mobile_checkpoint  # noqa: E402
+from fixtures_ckpt import (compare_greedy, fake_quant_reference, group_alive, post, served,  # noqa: E402
+                           write_mobile_checkpoint)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection below
@@ -114,52 +111,11 @@ def test_invalid_checkpoint_fails_at_engine_start(mobile_tiny, tmp_path):
 # ------------------------------------------------------------------ HTTP through `gemma-mobile serve`
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, stream: bool = False):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        if not stream:
-            return json.loads(r.read())
-        chunks = []
-        for line in r:
-            line = line.decode().strip()
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[6:]))
-        return chunks
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+_post = post
 
 
 def test_http_serve_completions_chat_streaming(mobile_tiny, llm, tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_gemma_mobile.cli", "serve", str(mobile_tiny),
-                             "--port", str(port), "--enforce-eager", "--max-model-len", "256"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() - t0 < 900, "server did not become healthy"
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
+    with served(mobile_tiny, tmp_path / "serve.log", max_model_len=256) as (proc, base):
         model = str(mobile_tiny)
         offline = llm.generate([PROMPTS[0]], _greedy(16))[0].outputs[0]
         r = _post(base + "/v1/completions", {"model": model, "prompt": PROMPTS[0], "max_tokens": 16,
@@ -183,15 +139,7 @@ def test_http_serve_completions_chat_streaming(mobile_tiny, llm, tmp_path):
         proc.send_signal(signal.SIGINT)  # Ctrl-C to the front process only: it must forward and reap
         assert proc.wait(timeout=120) == 0
         time.sleep(1)
-        assert not _group_alive(proc.pid), "server processes survived Ctrl-C"
-    finally:
-        if proc.poll() is None or _group_alive(proc.pid):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-        log.close()
+        assert not group_alive(proc.pid), "server processes survived Ctrl-C"
 
 
 def test_upstream_without_plugin_cannot_load(mobile_tiny):

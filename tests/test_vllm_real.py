@@ -4,20 +4,14 @@ completions, 16 concurrent requests == serial."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_ckpt import post, served  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -29,49 +23,14 @@ N_TOKENS = 32
 # `real_mobile` (conftest): the recipe checkpoint `make demo` serves, rebuilt when its build key changes.
 
 
-def _post(url: str, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
+_post = post
 
 
 @pytest.fixture(scope="module")
 def server(real_mobile, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     logf = tmp_path_factory.mktemp("real_serve") / "serve.log"
-    log = open(logf, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_gemma_mobile.cli", "serve", str(real_mobile),
-                             "--port", str(port), "--enforce-eager", "--max-model-len", "512"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, logf.read_text()[-4000:]
-            assert time.monotonic() - t0 < 1200, "server did not become healthy"
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+    with served(real_mobile, logf, max_model_len=512, health_timeout=1200) as (_, base):
         yield base, logf
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
 
 
 def _complete(base: str, model: str, ids: list[int], n: int = N_TOKENS):
