@@ -118,12 +118,12 @@ def test_failed_run_leaves_existing_output_untouched(tiny_gemma3, tmp_path, monk
     out = tmp_path / "keep"
     out.mkdir()
     (out / "marker").write_text("previous checkpoint")
-    import vllm_gemma_mobile.quantize.run as run
+    import vllm_gemma_mobile.quantize.checkpoint as checkpoint
 
     def bad(model):
         raise QuantizeError("model.layers.0.mlp.up_proj.output_scale: calibration produced an invalid scale")
 
-    monkeypatch.setattr(run, "check_scales", bad)
+    monkeypatch.setattr(checkpoint, "check_scales", bad)
     with pytest.raises(QuantizeError, match="output_scale"):
         quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", out, num_samples=2, seq_len=16)
     assert (out / "marker").read_text() == "previous checkpoint"

@@ -6,8 +6,21 @@ expanded from the model's own config when the modifier initializes, so one recip
 family (layer counts, KV-shared layers). Activation scales are static per-tensor int8, calibrated on the
 recipe's data; KV scales are calibrated per layer with the layer's bit width (int8 sliding, int4 full).
 
-Both register with llmcompressor's ModifierFactory on import of `vllm_gemma_mobile.quantize`, so a recipe
-YAML can name them like built-in modifiers.
+Everything a correct checkpoint needs is carried by the modifiers' own lifecycle, so a plain
+`llmcompressor.oneshot(model, recipe="recipes/...yaml", dataset=..., output_dir=...)` writes the same checkpoint
+as `gemma-mobile quantize` (which is a thin wrapper around that call):
+
+* initialize: Gemma 4 per-layer attribute access, scheme expansion, per-layer KV bits, NaN-poisoned scales,
+  the calibration pipeline this model needs (`mobile_pipelines`, read by llmcompressor's patched pipeline
+  choice, see workarounds.mobile_pipeline_choice);
+* calibration: output hooks observe only (workarounds.observe_only_output_calibration);
+* end: scales of modules outside the sequential layers (workarounds.finish_calibration_outside_layers);
+* finalize: checkpoint.finalize — KV scales only where a layer owns a cache, every scale checked, lm_head
+  re-tied, and a save hook that writes our `gemma_mobile` metadata and drops the dense lm_head copy.
+
+Both register with llmcompressor's ModifierFactory on import of `vllm_gemma_mobile.quantize` (which a plain
+`import vllm_gemma_mobile` triggers as soon as llmcompressor is imported), so a recipe YAML can name them like
+built-in modifiers.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from pydantic import Field, PrivateAttr
 
-from vllm_gemma_mobile.quantize import workarounds
+from vllm_gemma_mobile.quantize import checkpoint, workarounds
 from vllm_gemma_mobile.scheme import Expanded, MobileScheme, expand, preset
 from vllm_gemma_mobile.scheme.spec import kv_args
 
@@ -67,20 +80,41 @@ class _MobileSchemeMixin:
 
     # llmcompressor lifecycle hooks, shared by both modifiers (the mixin precedes their base in the MRO)
     def on_initialize(self, state, **kwargs) -> bool:
+        workarounds.allow_gemma4_per_layer_attributes(state.model.config)
         self._setup_mobile(state.model)
+        self._mobile_pipelines = workarounds.calibration_pipelines(state.model.config)
         ok = super().on_initialize(state, **kwargs)
         self._apply_kv_layer_bits(state.model)
         workarounds.poison_uncalibrated_scales(state.model)
         return ok
 
+    def _initialize_hooks(self, module: torch.nn.Module):
+        with workarounds.observe_only_output_calibration():
+            return super()._initialize_hooks(module)
+
     def on_end(self, state, event, **kwargs):
         self._finish(state.model)
         return super().on_end(state, event, **kwargs)
+
+    def on_finalize(self, state, **kwargs) -> bool:
+        ok = super().on_finalize(state, **kwargs)
+        checkpoint.finalize(state.model, self.mobile_metadata)
+        return ok
 
     def _finish(self, model: torch.nn.Module) -> None:
         fixed = workarounds.finish_calibration_outside_layers(model)
         if fixed:
             logger.info("calibrated outside the sequential layers: %s", fixed)
+
+    @property
+    def mobile_pipelines(self) -> tuple[str, tuple[str, ...]] | None:
+        """(preferred, allowed) calibration pipelines for the model this modifier initialized on."""
+        return self._mobile_pipelines
+
+    @property
+    def mobile_metadata(self) -> dict:
+        """The checkpoint's `quantization_config.gemma_mobile` key."""
+        return self._mobile_expanded.metadata(self._mobile_scheme)
 
     @property
     def mobile_scheme(self) -> MobileScheme:
@@ -98,6 +132,7 @@ class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
     options: dict[str, Any] = Field(default_factory=dict)
     _mobile_scheme: Any = PrivateAttr(None)
     _mobile_expanded: Any = PrivateAttr(None)
+    _mobile_pipelines: Any = PrivateAttr(None)
 
     def compress_modules(self):
         # GPTQ's column loop is a long chain of tiny ops: OpenMP threads add only synchronization. Measured on
@@ -118,7 +153,9 @@ class MobileQuantizationModifier(_MobileSchemeMixin, QuantizationModifier):
     options: dict[str, Any] = Field(default_factory=dict)
     _mobile_scheme: Any = PrivateAttr(None)
     _mobile_expanded: Any = PrivateAttr(None)
+    _mobile_pipelines: Any = PrivateAttr(None)
 
 
 for _cls in (MobileGPTQModifier, MobileQuantizationModifier):
     ModifierFactory.register(_cls.__name__, _cls)
+workarounds.mobile_pipeline_choice()
