@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from . import bitpack
+
 SUPPORTED_BITS = (2, 4, 8)
 WORDS_PER_GROUP = 8  # WG
 LAYOUT_NAME = f"kgroup{WORDS_PER_GROUP}"
@@ -166,7 +168,8 @@ def unpack(w: PackedWeight) -> torch.Tensor:
 
 
 def ct_unpack(weight_packed: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
-    """compressed-tensors ``unpack_from_int32`` (packed_dim=1), reimplemented: int8 codes ``[N, K]``."""
+    """compressed-tensors ``unpack_from_int32`` (packed_dim=1): int8 codes ``[N, K]`` (delegates to
+    ``kernels.bitpack.ct_unpack``, the project's one packing implementation)."""
     _check_bits(bits)
     n, k = int(shape[0]), int(shape[1])
     p = pack_factor(bits)
@@ -176,10 +179,7 @@ def ct_unpack(weight_packed: torch.Tensor, bits: int, shape: tuple[int, int]) ->
             f"weight_packed must be int32 {list(want)} for bits={bits}, shape={(n, k)}; "
             f"got {weight_packed.dtype} {list(weight_packed.shape)}"
         )
-    words = weight_packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(p, device=words.device, dtype=torch.int64) * bits
-    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [N, Kw, p]: k = word * p + j
-    return (fields.reshape(n, -1)[:, :k] - (1 << (bits - 1))).to(torch.int8).contiguous()
+    return bitpack.ct_unpack(weight_packed, bits, k)
 
 
 def from_compressed_tensors(

@@ -1,4 +1,4 @@
-"""`gemma-mobile` command line: base | quantize | eval | report | serve | bench.
+"""`gemma-mobile` command line: base | quantize | convert | eval | report | serve | bench.
 
 Each subcommand is a thin argparse front for one function; the work lives in the module named beside it.
 """
@@ -31,6 +31,16 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
     path = quantize(a.base, a.recipe, a.out, num_samples=a.num_samples, seq_len=a.seq_len,
                     overrides=dict(kv.split("=", 1) for kv in a.set), reuse=a.reuse)
+    print(path)
+
+
+def _cmd_convert(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.convert import ConvertError, convert
+
+    try:
+        path = convert(a.src, a.out, a.to, force=a.force)
+    except ConvertError as e:
+        sys.exit(f"gemma-mobile convert: {e}")
     print(path)
 
 
@@ -83,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep OUT if it was built from the same base, recipe, options and code")
     s.set_defaults(func=_cmd_quantize)
 
+    s = sub.add_parser("convert", help="mobile checkpoint <-> Google's quant_method 'gemma' layout")
+    s.add_argument("src")
+    s.add_argument("--out", required=True)
+    s.add_argument("--to", choices=["google", "ct"], default=None,
+                   help="target layout (default: the other one than SRC's)")
+    s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    s.set_defaults(func=_cmd_convert)
+
     s = sub.add_parser("eval", help="perplexity, greedy agreement and KL vs a reference (transformers fake quant)")
     s.add_argument("model")
     s.add_argument("--reference", required=True)
@@ -97,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("serve", help="vllm serve MODEL on 127.0.0.1 (extra args go to vllm)")
+    s = sub.add_parser("serve", help="vllm serve MODEL on 127.0.0.1, served as MODEL's directory name unless "
+                                     "--served-model-name is given (extra args go to vllm)")
     s.add_argument("model")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

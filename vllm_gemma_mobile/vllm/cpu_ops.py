@@ -22,29 +22,54 @@ from __future__ import annotations
 
 import torch
 
-_MASKS = {2: 0x3, 4: 0xF, 8: 0xFF}
+from kernels import bitpack
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
-    """compressed-tensors `pack_to_int32` along K (offset binary, low bits first) -> signed int8 [N, k]."""
-    if bits not in _MASKS:
+    """compressed-tensors `pack_to_int32` along K (offset binary, low bits first) -> signed int8 [N, k], on
+    `packed`'s device (delegates to `kernels.bitpack.ct_unpack`)."""
+    if bits not in bitpack.SUPPORTED_BITS:
         raise ValueError(f"unsupported weight bits {bits}: expected 2, 4 or 8")
-    per = 32 // bits
-    p = packed.to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    codes = (p.unsqueeze(-1) >> shifts) & _MASKS[bits]  # [N, P, per]
-    codes = codes.reshape(p.shape[0], -1)[:, :k]
-    return (codes - (1 << (bits - 1))).to(torch.int8)
+    return bitpack.ct_unpack(packed.to(torch.int32), bits, k)
+
+
+_CPU_KERNELS: tuple[bool, str] | None = None
+
+
+def cpu_kernels_status() -> tuple[bool, str]:
+    """(usable, why) for vLLM's CPU kernels this path needs: the WNA16 GEMM (`cpu_gemm_wna16`) and an EXACT
+    oneDNN int8 GEMM. vLLM's AVX2 build (`_C_AVX2`) has no `cpu_gemm_wna16`, and oneDNN's s8 x s8 GEMM without
+    AVX-512 VNNI / AMX saturates int16 intermediates (measured 17-39% relative error on an AMD EPYC, AVX2), so
+    exactness is probed once on a small GEMM against `torch._int_mm` instead of trusting CPU flags."""
+    global _CPU_KERNELS
+    if _CPU_KERNELS is not None:
+        return _CPU_KERNELS
+    try:
+        import vllm._custom_ops as ops
+
+        if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+            _CPU_KERNELS = (False, f"vLLM's CPU build ({torch.backends.cpu.get_cpu_capability()}) has no "
+                                   "cpu_gemm_wna16 kernel")
+        elif not bool(ops._supports_onednn):
+            _CPU_KERNELS = (False, "vLLM was built without oneDNN")
+        else:
+            g = torch.Generator().manual_seed(0)
+            codes = torch.randint(-128, 128, (64, 256), dtype=torch.int8, generator=g)
+            x = torch.randint(-128, 128, (4, 256), dtype=torch.int8, generator=g)
+            gemm = OneDNNInt8GEMM(codes, torch.ones(64), 1.0)
+            exact = torch._int_mm(torch.cat([x, x, x, x, x]), codes.t())[:4].to(torch.float32)
+            if torch.equal(gemm(x), exact):
+                _CPU_KERNELS = (True, "")
+            else:
+                _CPU_KERNELS = (False, "oneDNN's int8 GEMM is not exact on this CPU (no AVX-512 VNNI / AMX)")
+    except Exception as e:  # pragma: no cover - non-CPU builds
+        _CPU_KERNELS = (False, f"vLLM's CPU kernels are unavailable ({type(e).__name__}: {e})")
+    return _CPU_KERNELS
 
 
 def have_cpu_kernels() -> bool:
-    """True when vLLM's CPU extension provides the oneDNN int8 GEMM and the WNA16 GEMM."""
-    try:
-        import vllm._custom_ops as ops  # noqa: F401
-
-        return bool(ops._supports_onednn) and hasattr(torch.ops._C, "cpu_gemm_wna16")
-    except Exception:  # pragma: no cover - non-CPU builds
-        return False
+    """True when vLLM's CPU extension provides an exact oneDNN int8 GEMM and the WNA16 GEMM."""
+    return cpu_kernels_status()[0]
 
 
 class OneDNNInt8GEMM:
