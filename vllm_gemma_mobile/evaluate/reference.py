@@ -81,10 +81,12 @@ def mobile_metadata(config: dict) -> dict | None:
 def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """`clamp(round_half_even(x / scale), -2^(b-1), 2^(b-1)-1) * scale`, computed in `x.dtype` (bf16) exactly as
     compressed-tensors' `forward_quantize` does for k/v while calibrating, so the reloaded checkpoint reproduces
-    the calibrated in-memory model bit for bit (tests/test_quantize.py round trip)."""
-    qmax = 2 ** (bits - 1) - 1
-    s = scale.to(device=x.device, dtype=x.dtype)
-    return torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+    the calibrated in-memory model bit for bit (tests/test_quantize.py round trip).
+
+    Delegates to `kernels.kvcache.fake_quant_kv`, the one implementation the vLLM KV cache also runs."""
+    from kernels.kvcache import fake_quant_kv as _impl
+
+    return _impl(x, scale, bits)
 
 
 def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:

@@ -4,9 +4,12 @@ A checkpoint is ours when its `quantization_config` says `quant_method: compress
 `gemma_mobile` key (docs/checkpoint-format.md); every other compressed-tensors checkpoint stays with upstream.
 No CLI flag is needed: `override_quantization_method` answers "gemma_mobile" for ours.
 
-Layers: quantized linears -> `GemmaMobileLinearMethod` (wNa8o8), `embed_tokens` and the tied `lm_head` ->
-`GemmaMobileEmbeddingMethod` (one table), attention -> `GemmaMobileKVCacheMethod` (loads and keeps the
-per-layer k_scale/v_scale; the KV cache itself stays unquantized in this version — a warning says so).
+Layers: quantized linears -> `GemmaMobileLinearMethod` (wNa8o8; also Gemma 4's ReplicatedLinear
+`per_layer_input_gate` / `per_layer_projection`, the ColumnParallelLinear `per_layer_model_projection` and the
+q_proj of KV-shared layers), `embed_tokens` and the tied `lm_head` -> `GemmaMobileEmbeddingMethod` (one table),
+Gemma 4's `embed_tokens_per_layer` -> `GemmaMobileEmbeddingMethod(gather_only=True)` (packed rows, per-row or
+group-wise scales), attention -> `GemmaMobileKVCacheMethod` (kv_cache.py: per-layer
+k_scale/v_scale and the quantized int8/int4 KV cache, kv_attention.py).
 This class deliberately has NO attribute named `kv_cache_scheme`: vLLM's Attention would switch the cache
 to fp8 on its own if it saw one.
 """
@@ -27,10 +30,10 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
     find_matched_target,
     should_ignore_layer,
 )
-from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod, KVCacheScaleParameter
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 from vllm_gemma_mobile.vllm.embedding import GemmaMobileEmbeddingMethod
+from vllm_gemma_mobile.vllm.kv_cache import GemmaMobileKVCacheMethod, log_kv_mode
 from vllm_gemma_mobile.vllm.linear import GemmaMobileLinearMethod
 from vllm_gemma_mobile.vllm.validate import validate_checkpoint, validate_quant_config
 
@@ -38,30 +41,6 @@ logger = init_logger(__name__)
 
 NAME = "gemma_mobile"
 MARKER = "gemma_mobile"
-
-
-class GemmaMobileKVCacheMethod(BaseKVCacheMethod):
-    """Loads `self_attn.k_scale` / `v_scale` and keeps them (`layer.gm_kv`); the cache stays unquantized."""
-
-    def __init__(self, quant_config: "GemmaMobileConfig", bits: int | None):
-        super().__init__(quant_config)
-        self.bits = bits
-
-    def create_weights(self, layer: torch.nn.Module) -> None:
-        for name in ("k_scale", "v_scale"):
-            p = KVCacheScaleParameter()
-            p.data = p.data.to(torch.float32)  # created under the model's default dtype (bf16)
-            setattr(layer, name, p)
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        k, v = float(layer.k_scale), float(layer.v_scale)
-        if self.bits is not None and not (k > 0 and v > 0):
-            raise ValueError(f"gemma_mobile: {getattr(layer, 'layer_name', 'attention')} has "
-                             f"kv bits {self.bits} but k_scale={k}, v_scale={v} (missing or invalid)")
-        layer.gm_kv = {"bits": self.bits, "k_scale": k if k > 0 else None, "v_scale": v if v > 0 else None}
-        del layer.k_scale
-        del layer.v_scale
-        # layer._k_scale / _v_scale stay 1.0: the cache is bf16 and must not be scaled.
 
 
 @register_quantization_config(NAME)
@@ -114,15 +93,14 @@ class GemmaMobileConfig(QuantizationConfig):
         d = Path(model_name)
         if d.is_dir() and (d / "config.json").exists():
             summary = validate_checkpoint(d, self.config)
-            logger.info("gemma_mobile: checkpoint %s validated: linear bits %s, embedding %s-bit", d,
-                        summary["linear"], summary["embedding"])
+            logger.info("gemma_mobile: checkpoint %s validated: linear bits %s, embedding %s-bit%s", d,
+                        summary["linear"], summary["embedding"],
+                        f", per-layer embedding {summary['per_layer_embedding']}-bit"
+                        if summary.get("per_layer_embedding") else "")
         else:
             logger.warning("gemma_mobile: %s is not a local directory; tensor-level validation skipped "
                            "(scales are still checked after loading)", model_name)
-        if any(b is not None for b in self.kv_layer_bits):
-            logger.warning("gemma_mobile: KV-cache quantization is NOT active yet: per-layer k/v scales "
-                           "(int%s) are loaded and kept, but the KV cache stays in the model dtype.",
-                           "/int".join(str(b) for b in sorted({b for b in self.kv_layer_bits if b})))
+        log_kv_mode(self.kv_layer_bits)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
         def m(t: str) -> str | None:
@@ -142,8 +120,14 @@ class GemmaMobileConfig(QuantizationConfig):
                 return g
         return None
 
-    def _embed_group(self) -> dict[str, Any] | None:
-        return next((g for g in self.groups if any("embed_tokens" in t for t in g.get("targets", []))), None)
+    def _embed_group(self, lm_head_prefix: str) -> dict[str, Any] | None:
+        """The group of the input embedding (`...model.embed_tokens`) that a tied `...lm_head` shares."""
+        embed = lm_head_prefix[: -len("lm_head")] + "model.embed_tokens"
+        for g in self.groups:
+            for t in g.get("targets", []):
+                if re.match(t[3:], embed) if t.startswith("re:") else (embed == t or embed.endswith("." + t)):
+                    return g
+        return None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, ParallelLMHead):
@@ -151,9 +135,12 @@ class GemmaMobileConfig(QuantizationConfig):
 
             hf = get_current_vllm_config().model_config.hf_text_config
             if getattr(hf, "tie_word_embeddings", False):
-                g = self._embed_group()
+                g = self._embed_group(prefix)
                 if g is None:
                     return None
+                if g["weights"].get("strategy") != "channel":
+                    raise ValueError(f"gemma_mobile: the embedding table tied to {prefix} must have per-row "
+                                     f"(channel) scales, got strategy {g['weights'].get('strategy')!r}")
                 return GemmaMobileEmbeddingMethod(g["weights"]["num_bits"], tied_lm_head=True)
             g = self._group_for(layer, prefix)
             if g is None:
@@ -163,7 +150,15 @@ class GemmaMobileConfig(QuantizationConfig):
             return GemmaMobileEmbeddingMethod(g["weights"]["num_bits"])
         if isinstance(layer, VocabParallelEmbedding):
             g = self._group_for(layer, prefix)
-            return None if g is None else GemmaMobileEmbeddingMethod(g["weights"]["num_bits"])
+            if g is None:
+                return None
+            w = g["weights"]
+            ple = prefix.endswith("embed_tokens_per_layer")
+            if w.get("strategy") == "group" and not ple:
+                raise ValueError(f"gemma_mobile: {prefix}: group-wise weight scales are supported only for "
+                                 "embed_tokens_per_layer")
+            return GemmaMobileEmbeddingMethod(w["num_bits"], gather_only=ple,
+                                              group_size=w.get("group_size") if w.get("strategy") == "group" else None)
         if isinstance(layer, LinearBase):
             g = self._group_for(layer, prefix)
             if g is None:

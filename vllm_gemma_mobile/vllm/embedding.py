@@ -9,6 +9,13 @@ CPU backend: the codes live in cpu_gemm_wna16's blocked uint4b8 layout (2-bit co
 4 bits/weight; 8-bit tables are rejected on this backend); `cpu_ops.gather_rows` reads embedding rows from it.
 The lm_head multiplies by bf16 copies of the scales (see cpu_ops docstring); the embedding uses the f32 ones.
 Other backends hold a `kernels.layout.PackedWeight` and call `kernels.ops.embedding` / `kernels.ops.linear`.
+
+Gather-only tables (`gather_only=True`: Gemma 4's per-layer-embedding table `embed_tokens_per_layer`, which is
+never a matmul operand): the compressed-tensors int32 rows stay PACKED in memory as loaded
+(`[V, ceil(K*bits/32)]`, 2/4/8-bit); a lookup gathers the packed rows of the requested ids and unpacks only
+those (`cpu_ops.unpack_codes`). Scales are per row (`channel`) or per row and block of `group_size` columns
+(`group`, `[V, K/group_size]`): `E[t, k] = q[t, k] * weight_scale[t, k // group_size]` (float32 product, cast
+once to the activation dtype — the reference's dequantized bf16 table holds the same values).
 """
 
 from __future__ import annotations
@@ -29,12 +36,20 @@ logger = init_logger(__name__)
 class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
     """Weight-only 2/4/8-bit per-row table for `VocabParallelEmbedding` and (tied) `ParallelLMHead`."""
 
-    def __init__(self, bits: int, tied_lm_head: bool = False):
+    def __init__(self, bits: int, tied_lm_head: bool = False, group_size: int | None = None,
+                 gather_only: bool = False):
         if bits not in (2, 4, 8):
             raise ValueError(f"gemma_mobile embedding: unsupported weight bits {bits}")
+        if group_size is not None and not gather_only:
+            raise ValueError("gemma_mobile embedding: group-wise scales are supported only for gather-only "
+                             "tables (embed_tokens_per_layer), not for a table that may serve as lm_head")
+        if gather_only and tied_lm_head:
+            raise ValueError("gemma_mobile embedding: a gather-only table cannot be a tied lm_head")
         self.bits = bits
         self.pack_factor = 32 // bits
         self.tied_lm_head = tied_lm_head
+        self.group_size = group_size
+        self.gather_only = gather_only
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -47,8 +62,12 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         layer.register_parameter("weight_packed", PackedvLLMParameter(
             input_dim=1, output_dim=0, packed_dim=1, packed_factor=self.pack_factor,
             weight_loader=weight_loader, data=torch.zeros(v, -(-k * self.bits // 32), dtype=torch.int32)))
+        if self.group_size is not None and k % self.group_size:
+            raise ValueError(f"gemma_mobile: {getattr(layer, 'prefix', 'embedding')}: group_size {self.group_size} "
+                             f"does not divide the embedding width {k}")
+        n_groups = 1 if self.group_size is None else k // self.group_size
         layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
-            output_dim=0, weight_loader=weight_loader, data=torch.zeros(v, 1, dtype=torch.float32)))
+            output_dim=0, weight_loader=weight_loader, data=torch.zeros(v, n_groups, dtype=torch.float32)))
         layer.register_parameter("weight_shape", BasevLLMParameter(
             data=torch.zeros(2, dtype=torch.int64), weight_loader=weight_loader))
 
@@ -56,6 +75,8 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         if not isinstance(embed_tokens.quant_method, GemmaMobileEmbeddingMethod):
             raise ValueError("gemma_mobile: tied lm_head needs a gemma_mobile-quantized embed_tokens, got "
                              f"{type(embed_tokens.quant_method).__name__}")
+        if embed_tokens.quant_method.gather_only:
+            raise ValueError("gemma_mobile: the tied lm_head cannot use a gather-only (group-wise) table")
         # a plain list, so the embedding module is not registered twice as a submodule
         layer.gm_source = [embed_tokens]
         return layer
@@ -64,6 +85,8 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         if getattr(layer, "gm_source", None) is not None or self.tied_lm_head:
             return  # tied lm_head: uses the embedding's processed table
         k = layer.gm_k
+        if self.gather_only:
+            return self._process_gather_only(layer)
         ws = layer.weight_scale.data.reshape(-1).to(torch.float32)
         org_v = int(getattr(layer, "org_vocab_size", ws.numel()))
         live = ws[:org_v]
@@ -90,10 +113,43 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
             from kernels.layout import from_compressed_tensors
 
             layer.gm_packed = from_compressed_tensors(layer.weight_packed.data, self.bits, (ws.numel(), k))
+            if layer.gm_backend == "torch" and layer.weight_packed.device.type == "cpu":
+                # the weight-only lm_head GEMM of kernels.reference multiplies by the codes in x's dtype: keep
+                # them once as exact bf16 integers (2 bytes/weight) instead of unpacking the table per token
+                layer.gm_packed.with_codes(layer.params_dtype)
             layer.gm_scale_f32 = ws.contiguous()
         del codes
         for name in ("weight_packed", "weight_scale", "weight_shape"):
             delattr(layer, name)
+
+    def _process_gather_only(self, layer: torch.nn.Module) -> None:
+        """Keep the packed int32 rows as loaded; check scales and the stored shape."""
+        prefix = getattr(layer, "prefix", "embedding")
+        k = layer.gm_k
+        ws = layer.weight_scale.data.to(torch.float32)
+        org_v = int(getattr(layer, "org_vocab_size", ws.shape[0]))
+        shape = layer.weight_shape.data.tolist()
+        if shape != [org_v, k]:
+            raise ValueError(f"gemma_mobile: {prefix}.weight_shape = {shape}, the model implies [{org_v}, {k}]")
+        live = ws[:org_v]
+        bad = ~torch.isfinite(live) | (live <= 0)
+        if bad.any():
+            r, c = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"gemma_mobile: {prefix}.weight_scale[{r}, {c}] = {float(live[r, c])}; scales must be "
+                             "positive and finite")
+        layer.gm_backend = "gather"
+        layer.gm_packed_rows = layer.weight_packed.data.contiguous()  # int32 [V, ceil(K*bits/32)], as on disk
+        layer.gm_group_scale = ws.contiguous()                        # f32 [V, groups]
+        layer.gm_group = k // ws.shape[1]
+        for name in ("weight_packed", "weight_scale", "weight_shape"):
+            delattr(layer, name)
+
+    def _gather(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        k, g = layer.gm_k, layer.gm_group
+        rows = layer.gm_packed_rows.index_select(0, ids)
+        q = cpu_ops.unpack_codes(rows, self.bits, k)  # int8 [T, K]: only the gathered rows are unpacked
+        s = layer.gm_group_scale.index_select(0, ids)  # f32 [T, groups]
+        return (q.to(torch.float32).view(ids.numel(), k // g, g) * s.unsqueeze(-1)).view(ids.numel(), k)
 
     @staticmethod
     def _src(layer: torch.nn.Module) -> torch.nn.Module:
@@ -104,7 +160,9 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         src = self._src(layer)
         ids = input_.reshape(-1)
         dtype = layer.params_dtype
-        if src.gm_backend == "cpu":
+        if self.gather_only:
+            out = self._gather(src, ids).to(dtype)
+        elif src.gm_backend == "cpu":
             q = cpu_ops.gather_rows(src.gm_table, ids, src.gm_k)
             out = (q.to(torch.float32) * src.gm_scale_f32[ids].unsqueeze(1)).to(dtype)
         else:
@@ -114,6 +172,9 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         return out.reshape(*input_.shape, src.gm_k)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gather_only:
+            raise RuntimeError(f"gemma_mobile: {getattr(layer, 'prefix', 'embedding')} is a gather-only table "
+                               "(embed_tokens_per_layer) and cannot be used as a matmul / lm_head")
         src = self._src(layer)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -7,8 +7,45 @@ from typing import Any
 import torch
 
 
+def kept_tensors(model: torch.nn.Module, weight_modules_only: bool = False):
+    """Every tensor the model's modules keep: parameters, buffers AND plain attributes (the plugin's state lives
+    in `gm_*` attributes: tensors, lists of them, `kernels.layout.PackedWeight`s, oneDNN GEMM handles' scales).
+    Yields (qualified name, tensor); a tensor reachable twice is reported once. `weight_modules_only`: only
+    modules that hold weights (have a `quant_method`), e.g. not the rotary embedding's cos/sin cache."""
+    from kernels.layout import PackedWeight
+
+    seen: set[int] = set()
+
+    def walk(name: str, obj: Any, depth: int = 0):
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                yield name, obj
+        elif isinstance(obj, PackedWeight):
+            yield from walk(name + ".packed", obj.packed, depth + 1)
+            yield from walk(name + ".codes", obj.codes, depth + 1)
+        elif isinstance(obj, (list, tuple)) and depth < 3:
+            for i, o in enumerate(obj):
+                if not isinstance(o, torch.nn.Module):  # tied-table back references are modules: skip
+                    yield from walk(f"{name}[{i}]", o, depth + 1)
+        elif depth < 2 and hasattr(obj, "__dict__") and type(obj).__module__.startswith("vllm_gemma_mobile"):
+            for k, v in vars(obj).items():
+                yield from walk(f"{name}.{k}", v, depth + 1)
+
+    for mname, m in model.named_modules():
+        if weight_modules_only and getattr(m, "quant_method", None) is None:
+            continue
+        prefix = mname + "." if mname else ""
+        for k, v in list(m._parameters.items()) + list(m._buffers.items()):
+            yield from walk(prefix + k, v)
+        for k, v in vars(m).items():
+            if not k.startswith("_"):
+                yield from walk(prefix + k, v)
+
+
 def describe(model: torch.nn.Module) -> dict[str, Any]:
-    """What the plugin did to `model`: table sharing, remaining float weight matrices, backends, KV scales."""
+    """What the plugin did to `model`: table sharing, remaining float weight matrices (parameters AND every
+    other tensor the modules keep), backends, KV scales."""
     from vllm_gemma_mobile.vllm.embedding import GemmaMobileEmbeddingMethod
     from vllm_gemma_mobile.vllm.linear import GemmaMobileLinearMethod
 
@@ -18,6 +55,10 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {
         "float_2d_params": [n for n, p in model.named_parameters()
                             if p.dtype in (torch.bfloat16, torch.float16, torch.float32) and p.ndim == 2],
+        # every kept 2-D float tensor with at least 1024 elements of every weight-holding module (one with a
+        # quant_method: linears, embeddings, lm_head), wherever it lives — not only its parameters
+        "float_2d_tensors": {n: list(t.shape) for n, t in kept_tensors(model, weight_modules_only=True)
+                             if t.dtype.is_floating_point and t.ndim == 2 and t.numel() >= 1024},
         "n_quant_linear": len(lin),
         "linear_backends": sorted({m.gm_backend for m in lin}),
         "linear_bits": sorted({m.quant_method.bits for m in lin}),
@@ -30,7 +71,24 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
             "embedding_backend": emb.gm_backend,
             "lm_head_tied_to_embedding": bool(src) and src[0] is emb,
             "lm_head_own_params": [n for n, _ in head.named_parameters(recurse=False)] if head is not None else None,
-            "table_bytes": int(emb.gm_table.numel() * emb.gm_table.element_size()) if hasattr(emb, "gm_table") else None,
+            # cpu backend: cpu_gemm_wna16's 4-bit containers; torch/triton: the kgroup8 packed table (+ a codes
+            # cache on the CPU torch path, reported separately)
+            "table_bytes": int(emb.gm_table.numel() * emb.gm_table.element_size()) if hasattr(emb, "gm_table")
+            else (emb.gm_packed.nbytes() if hasattr(emb, "gm_packed") else None),
+            "table_codes_cache": (None if getattr(getattr(emb, "gm_packed", None), "codes", None) is None else
+                                  {"dtype": str(emb.gm_packed.codes.dtype), "shape": list(emb.gm_packed.codes.shape)}),
             "vocab_x_hidden": int(emb.num_embeddings_padded * emb.embedding_dim),
         })
+    ple = getattr(inner, "embed_tokens_per_layer", None)
+    if ple is not None and isinstance(getattr(ple, "quant_method", None), GemmaMobileEmbeddingMethod):
+        rows = getattr(ple, "gm_packed_rows", None)
+        out["per_layer_embedding"] = {
+            "bits": ple.quant_method.bits,
+            "group_size": ple.quant_method.group_size,
+            "gather_only": ple.quant_method.gather_only,
+            "packed_dtype": None if rows is None else str(rows.dtype),
+            "packed_bytes": None if rows is None else int(rows.numel() * rows.element_size()),
+            "scale_shape": list(ple.gm_group_scale.shape) if hasattr(ple, "gm_group_scale") else None,
+            "vocab_x_width": int(ple.num_embeddings_padded * ple.embedding_dim),
+        }
     return out

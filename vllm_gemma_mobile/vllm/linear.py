@@ -42,8 +42,14 @@ logger = init_logger(__name__)
 BACKENDS = ("cpu", "triton", "torch")
 
 
+_WARNED_FALLBACK = False
+
+
 def backend(device: torch.device | None = None) -> str:
-    """`GEMMA_MOBILE_BACKEND` if set, else "triton" on CUDA and "cpu" (vLLM oneDNN/WNA16 kernels) on CPU."""
+    """`GEMMA_MOBILE_BACKEND` if set, else "triton" on CUDA; on CPU "cpu" (vLLM's oneDNN int8 / WNA16 kernels)
+    where they exist and are exact, else "torch" (`kernels.reference`: `torch._int_mm`, the same contract
+    numerics — integer products exact, f32 epilogue — without vLLM's fast kernels; logged once)."""
+    global _WARNED_FALLBACK
     forced = os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower()
     if forced:
         if forced not in BACKENDS:
@@ -52,11 +58,15 @@ def backend(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
         return "triton"
     if device is None or device.type == "cpu":
-        if not cpu_ops.have_cpu_kernels():
-            raise RuntimeError("gemma_mobile: vLLM's CPU kernels (oneDNN int8 GEMM, cpu_gemm_wna16) are "
-                               "missing from this vLLM build; set GEMMA_MOBILE_BACKEND=torch to use the "
-                               "(slow) torch reference ops instead")
-        return "cpu"
+        ok, why = cpu_ops.cpu_kernels_status()
+        if ok:
+            return "cpu"
+        if not _WARNED_FALLBACK:
+            logger.warning("gemma_mobile: %s; using the exact torch reference ops (torch._int_mm int8 GEMMs, "
+                           "int8 weight codes in memory; the tied lm_head table as exact bf16 codes): same "
+                           "numerics, slower. Needs AVX-512 VNNI/AMX for vLLM's int8 kernels.", why)
+            _WARNED_FALLBACK = True
+        return "torch"
     return "triton"
 
 
@@ -162,6 +172,9 @@ class GemmaMobileLinearMethod(LinearMethodBase):
             layer.gm_packed = [
                 from_compressed_tensors(layer.weight_packed.data[a:b].contiguous(), self.bits, (b - a, k))
                 for a, b, _ in layer.gm_groups]
+            if self.backend == "torch" and layer.weight_packed.device.type == "cpu":
+                # torch._int_mm reads int8 codes: unpack once at load (1 byte/weight), not on every call
+                layer.gm_packed = [w.with_codes(torch.int8) for w in layer.gm_packed]
             layer.gm_wscale = [ws[a:b].contiguous() for a, b, _ in layer.gm_groups]
             layer.gm_sx = [torch.tensor(sx, dtype=torch.float32, device=ws.device) for _, _, sx in layer.gm_groups]
         # the original packed tensor is no longer needed (cpu: oneDNN holds the int8 codes; other backends
@@ -195,11 +208,21 @@ class GemmaMobileLinearMethod(LinearMethodBase):
         else:
             from kernels import ops as kops
 
-            if layer.gm_allreduce:
-                raise NotImplementedError("gemma_mobile: tensor-parallel row-parallel layers are only "
-                                          "implemented on the cpu backend")
-            outs = []
             osc = layer.gm_output_scale
+            if layer.gm_allreduce:
+                # row-parallel under TP: f32 partial sums (no output requant), all-reduced, then bias and the
+                # static output requant once on the full sum (kernels.reference.epilogue)
+                from kernels.reference import epilogue
+                from vllm.distributed import tensor_model_parallel_all_reduce
+
+                ys = [kops.linear(x2, layer.gm_packed[i], layer.gm_wscale[i], layer.gm_sx[i], None,
+                                  out_dtype=torch.float32, backend=layer.gm_backend)
+                      for i in range(len(layer.gm_groups))]
+                y = tensor_model_parallel_all_reduce(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1))
+                bias = getattr(layer, "bias", None) if not layer.skip_bias_add else None  # every rank, once
+                out = epilogue(y, 1.0, None if bias is None else bias.to(torch.float32), osc, x.dtype)
+                return out.reshape(*shape[:-1], out.shape[-1])
+            outs = []
             for i, (a, b, _) in enumerate(layer.gm_groups):
                 oscale = None if osc is None else (osc if osc.ndim == 0 else osc[a:b])
                 outs.append(kops.linear(x2, layer.gm_packed[i], layer.gm_wscale[i], layer.gm_sx[i], oscale,

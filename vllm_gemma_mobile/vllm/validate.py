@@ -4,6 +4,12 @@
 `validate_checkpoint(dir)` additionally reads the safetensors headers and the (small) scale tensors
 (runs in `GemmaMobileConfig.maybe_update_config`, i.e. at engine start before any weight is loaded).
 Every failure raises `CheckpointError` naming the config field or tensor.
+
+Weight strategies: `channel` (one scale per output row) everywhere; `group` (one scale per row and block of
+`group_size` columns) only for Gemma 4's per-layer-embedding table `embed_tokens_per_layer`, which is only
+gathered (never a matmul operand or lm_head). Shapes are checked against the model config for Gemma 3 and
+Gemma 4 (sliding vs global head dims, double-wide MLPs in KV-shared layers, PLE table width =
+num_hidden_layers * hidden_size_per_layer_input), and for Gemma 4 the KV metadata against its KV sharing.
 """
 
 from __future__ import annotations
@@ -53,8 +59,19 @@ def validate_quant_config(cfg: dict[str, Any]) -> None:
             raise CheckpointError(f"{where}.weights.type = {w.get('type')!r}: expected 'int'")
         if not w.get("symmetric", True):
             raise CheckpointError(f"{where}.weights.symmetric = false: only symmetric weights are supported")
-        if w.get("strategy") != "channel":
-            raise CheckpointError(f"{where}.weights.strategy = {w.get('strategy')!r}: expected 'channel'")
+        targets = list(g.get("targets") or [])
+        if w.get("strategy") == "group":
+            if not targets or not all(_is_ple_target(t) for t in targets):
+                raise CheckpointError(f"{where}.weights.strategy = 'group': supported only for the per-layer "
+                                      f"embedding table (embed_tokens_per_layer), but the group targets {targets}")
+            gs = w.get("group_size")
+            if not isinstance(gs, int) or gs <= 0:
+                raise CheckpointError(f"{where}.weights.group_size = {gs!r}: expected a positive integer")
+            if _args(g, "input_activations") or _args(g, "output_activations"):
+                raise CheckpointError(f"{where}: embedding tables are weight-only (no activation quantization)")
+        elif w.get("strategy") != "channel":
+            raise CheckpointError(f"{where}.weights.strategy = {w.get('strategy')!r}: expected 'channel' "
+                                  "('group' only for embed_tokens_per_layer)")
         if w.get("dynamic"):
             raise CheckpointError(f"{where}.weights.dynamic = {w.get('dynamic')!r}: expected false")
         fmt = g.get("format") or cfg.get("format")
@@ -81,8 +98,11 @@ def validate_quant_config(cfg: dict[str, Any]) -> None:
                                   "expected 4, 8 or null")
 
 
-def _is_embedding_target(targets: list[str]) -> bool:
-    return any("embed_tokens" in t for t in targets)
+def _is_ple_target(target: str) -> bool:
+    return "embed_tokens_per_layer" in target
+
+
+EMBEDDINGS = ("embed_tokens", "embed_tokens_per_layer")
 
 
 def _match(name: str, targets: list[str]) -> bool:
@@ -99,15 +119,81 @@ def _scalar_ok(v: float) -> bool:
     return math.isfinite(v) and v > 0
 
 
-def expected_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, int]] | None:
-    """(N, K) per module-name suffix for Gemma 3 text configs; None for other architectures."""
-    hf = hf.get("text_config", hf) if hf.get("model_type") == "gemma3" else hf
-    if hf.get("model_type") not in ("gemma3_text",):
+_TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|model\.)")
+
+
+def text_module_name(mod: str) -> str:
+    """Checkpoint module name relative to the text model: `model.layers.3.mlp.up_proj` -> `layers.3.mlp.up_proj`
+    (also for the multimodal `model.language_model.` prefix)."""
+    return _TEXT_PREFIX.sub("", mod, count=1)
+
+
+def _text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    return hf.get("text_config", hf) if hf.get("model_type") in ("gemma3", "gemma4") else hf
+
+
+def gemma4_kv_sharing(text: dict[str, Any]) -> dict[int, int]:
+    """KV-shared layer -> layer whose cache it reads (last earlier non-shared layer of the same type), as
+    vLLM's Gemma4Attention and transformers build it."""
+    from vllm_gemma_mobile.evaluate.reference import default_kv_sharing
+
+    return default_kv_sharing(text)
+
+
+def _gemma4_layer_dims(model_dir: Path | None, hf: dict[str, Any]) -> list[tuple[int, int]]:
+    """(head_dim, num_kv_heads) per layer, from transformers' `per_layer_config` (what vLLM's gemma4.py reads;
+    sliding layers `head_dim`, global ones `global_head_dim` / `num_global_key_value_heads`)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir) if model_dir is not None else AutoConfig.for_model(**hf)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return [(int(cfg.per_layer_config[i].head_dim), int(cfg.per_layer_config[i].num_key_value_heads))
+            for i in range(cfg.num_hidden_layers)]
+
+
+def expected_shapes(hf: dict[str, Any], model_dir: str | Path | None = None) -> dict[str, tuple[int, int]] | None:
+    """(N, K) per module name relative to the text model (`text_module_name`), for Gemma 3 and Gemma 4 text
+    configs; None for other architectures (no shape check)."""
+    text = _text_config(hf)
+    mt = text.get("model_type")
+    if mt not in ("gemma3_text", "gemma4_text"):
         return None
-    h, i = hf["hidden_size"], hf["intermediate_size"]
-    q, kv = hf["num_attention_heads"] * hf["head_dim"], hf["num_key_value_heads"] * hf["head_dim"]
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (i, h),
-            "up_proj": (i, h), "down_proj": (h, i), "embed_tokens": (hf["vocab_size"], h)}
+    h, inter, n_layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    heads = text["num_attention_heads"]
+    out: dict[str, tuple[int, int]] = {"embed_tokens": (text["vocab_size"], h)}
+    if mt == "gemma3_text":
+        dims = [(text["head_dim"], text["num_key_value_heads"])] * n_layers
+        first_shared, wide, k_eq_v = n_layers, False, False
+    else:
+        if text.get("enable_moe_block") or text.get("num_experts"):
+            raise CheckpointError("config.json: Gemma 4 MoE (num_experts / enable_moe_block) is not supported "
+                                  "by the gemma_mobile plugin")
+        dims = _gemma4_layer_dims(Path(model_dir) if model_dir else None, hf)
+        first_shared = n_layers - int(text.get("num_kv_shared_layers") or 0)
+        wide = bool(text.get("use_double_wide_mlp"))
+        k_eq_v = bool(text.get("attention_k_eq_v"))
+        ple = int(text.get("hidden_size_per_layer_input") or 0)
+        if ple:
+            out["embed_tokens_per_layer"] = (text.get("vocab_size_per_layer_input") or text["vocab_size"],
+                                             n_layers * ple)
+            out["per_layer_model_projection"] = (n_layers * ple, h)
+    types = text.get("layer_types") or ["full_attention"] * n_layers
+    for i, (hd, kvh) in enumerate(dims):
+        p = f"layers.{i}."
+        out[p + "self_attn.q_proj"] = (heads * hd, h)
+        out[p + "self_attn.o_proj"] = (h, heads * hd)
+        if i < first_shared:  # KV-shared layers have no k/v projections (vLLM drops them)
+            out[p + "self_attn.k_proj"] = (kvh * hd, h)
+            if not (k_eq_v and types[i] == "full_attention"):
+                out[p + "self_attn.v_proj"] = (kvh * hd, h)
+        li = inter * (2 if wide and 0 < first_shared <= i else 1)
+        out[p + "mlp.gate_proj"] = (li, h)
+        out[p + "mlp.up_proj"] = (li, h)
+        out[p + "mlp.down_proj"] = (h, li)
+        if mt == "gemma4_text" and ple:
+            out[p + "per_layer_input_gate"] = (ple, h)
+            out[p + "per_layer_projection"] = (h, ple)
+    return out
 
 
 def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -119,8 +205,8 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
     hf = json.loads((model_dir / "config.json").read_text())
     if cfg is None:
         cfg = hf["quantization_config"]
-    want = expected_shapes(hf)
     validate_quant_config(cfg)
+    want = expected_shapes(hf, model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors files")
@@ -143,7 +229,7 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
     for g in groups:
         for mod in sorted(plain):
             if mod not in modules and _match(mod, g.get("targets", [])) and not _match(mod, ignore) \
-                    and mod.endswith(("proj", "embed_tokens")):
+                    and mod.endswith(("proj", "gate") + EMBEDDINGS):
                 raise CheckpointError(f"{mod}.weight: module is targeted by a quantization group but stored "
                                       "unpacked (expected weight_packed / weight_scale / weight_shape)")
     for mod in modules:
@@ -158,7 +244,10 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
         if len(shape) != 2:
             raise CheckpointError(f"{mod}.weight_shape = {shape}: expected (N, K)")
         n, k = shape
-        exp = want.get(mod.rsplit(".", 1)[-1]) if want else None
+        exp = want.get(text_module_name(mod)) if want else None
+        if want is not None and exp is None and text_module_name(mod).startswith("layers."):
+            raise CheckpointError(f"{mod}.weight_packed: the model config (config.json) has no such module "
+                                  "(e.g. k/v projections of a KV-shared Gemma 4 layer)")
         if exp is not None and tuple(shape) != exp:
             raise CheckpointError(f"{mod}.weight_shape = {shape}: the model config (config.json) implies "
                                   f"{list(exp)}")
@@ -167,7 +256,18 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
             raise CheckpointError(f"{mod}.weight_packed: {dt} {pshape}, expected I32 {[n, -(-k * bits // 32)]} "
                                   f"for {bits}-bit weight_shape {shape}")
         sdt, sshape, _ = headers[f"{mod}.weight_scale"]
-        if sshape not in ([n, 1], [n]):
+        w = group["weights"]
+        if w.get("strategy") == "group":
+            if not mod.endswith("embed_tokens_per_layer"):
+                raise CheckpointError(f"{mod}: group-wise weight scales are supported only for "
+                                      "embed_tokens_per_layer")
+            gs = w["group_size"]
+            if k % gs:
+                raise CheckpointError(f"{mod}.weight_scale: group_size {gs} does not divide the row width {k}")
+            if sshape != [n, k // gs]:
+                raise CheckpointError(f"{mod}.weight_scale: shape {sshape}, expected [{n}, {k // gs}] (one scale "
+                                      f"per row and block of group_size={gs})")
+        elif sshape not in ([n, 1], [n]):
             raise CheckpointError(f"{mod}.weight_scale: shape {sshape}, expected [{n}, 1] (per output channel)")
         ws = load(f"{mod}.weight_scale").float()
         if not torch.isfinite(ws).all():
@@ -175,9 +275,11 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
         if (ws <= 0).any():
             i = int((ws.reshape(-1) <= 0).nonzero()[0])
             raise CheckpointError(f"{mod}.weight_scale[{i}] = {float(ws.reshape(-1)[i])}: must be > 0")
-        is_embed = mod.endswith("embed_tokens")
-        if is_embed:
-            summary["embedding"] = bits
+        if mod.endswith(EMBEDDINGS):
+            if mod.endswith("embed_tokens_per_layer"):
+                summary["per_layer_embedding"] = bits
+            else:
+                summary["embedding"] = bits
             if _args(group, "input_activations"):
                 raise CheckpointError(f"{mod}: embedding group has input_activations (embeddings are weight-only)")
             continue
@@ -197,7 +299,34 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
             if not _scalar_ok(float(t[0])):
                 raise CheckpointError(f"{tname} = {float(t[0])}: static scales must be finite and > 0")
     kv = (cfg.get("gemma_mobile") or {}).get("kv_cache") or {}
-    for i, b in enumerate(kv.get("layer_bits") or []):
+    layer_bits = kv.get("layer_bits")
+    text = _text_config(hf)
+    sharing = gemma4_kv_sharing(text) if text.get("model_type") == "gemma4_text" else {}
+    if layer_bits is not None:
+        n_layers = text.get("num_hidden_layers")
+        if n_layers is not None and len(layer_bits) != n_layers:
+            raise CheckpointError(f"quantization_config.gemma_mobile.kv_cache.layer_bits: {len(layer_bits)} entries "
+                                  f"for {n_layers} decoder layers")
+        if kv.get("kv_sharing") is not None:
+            declared = {int(a): int(b) for a, b in kv["kv_sharing"].items()}
+            if declared != sharing:
+                raise CheckpointError(f"quantization_config.gemma_mobile.kv_cache.kv_sharing = {kv['kv_sharing']}: "
+                                      f"the model config implies {sharing}")
+        quantized_kv = any(b is not None for b in layer_bits)
+        for i, b in enumerate(layer_bits):
+            if i in sharing and b is not None:
+                raise CheckpointError(f"quantization_config.gemma_mobile.kv_cache.layer_bits[{i}] = {b}: layer {i} "
+                                      f"is KV-shared (reads layer {sharing[i]}'s cache); expected null")
+            if i not in sharing and b is None and quantized_kv:
+                raise CheckpointError(f"quantization_config.gemma_mobile.kv_cache.layer_bits[{i}] = null: layer {i} "
+                                      "owns a KV cache")
+    for i, src in sharing.items():
+        for s in ("k_scale", "v_scale"):
+            for tname in (f"model.layers.{i}.self_attn.{s}", f"model.language_model.layers.{i}.self_attn.{s}"):
+                if tname in headers:
+                    raise CheckpointError(f"{tname}: layer {i} is KV-shared (reads layer {src}'s cache and scales); "
+                                          "it must not carry KV scales of its own")
+    for i, b in enumerate(layer_bits or []):
         if b is None:
             continue
         for s in ("k_scale", "v_scale"):

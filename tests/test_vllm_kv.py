@@ -1,0 +1,229 @@
+"""The quantized hybrid KV cache in vLLM (CPU), on the tiny Gemma 3 mobile checkpoint (5 sliding layers int8,
+1 global layer int4; head_dim 32, 1 KV head, sliding window 16):
+
+- the cache vLLM allocates is bytes (uint8), 64 B/token in int8 layers and 32 B/token in the int4 layer (bf16:
+  128 B/token in every layer) - a bf16 cache fails this;
+- same KV memory: twice the blocks and the reported capacity in tokens grows by the expected factor vs the
+  `GEMMA_MOBILE_KV_CACHE=bf16` switch;
+- greedy tokens == the contract reference WITH its KV fake quant on (evaluate.reference), incl. a chunked
+  prefill; prefix caching and mixed-length batching change nothing;
+- start-up errors: NaN / missing KV scale (names the tensor), `--kv-cache-dtype fp8`.
+
+One engine (enforce_eager, block_size 32 so prefix caching can hit within max_model_len, max_num_batched_tokens
+64 so long prompts are chunked); the bf16 engine and the failing starts run in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_ckpt import compare_greedy, fake_quant_reference, write_mobile_checkpoint  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection
+
+
+# Linears: vLLM's CPU int8 kernels where this CPU has exact ones, else the plugin's exact torch ops (logged).
+ENGINE = dict(enforce_eager=True, max_model_len=512, dtype="bfloat16", seed=0, block_size=32,
+              max_num_batched_tokens=64)
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at"]
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 16)  # ~145 tokens: chunked prefill (64/step)
+N_TOKENS = 24
+COARSE = 6.0  # KV scale multiplier (see mobile_tiny)
+
+
+@pytest.fixture(scope="module")
+def mobile_tiny(tmp_path_factory) -> Path:
+    from conftest import cache_dir
+
+    from vllm_gemma_mobile.models.gemma3_base import build_base
+    from vllm_gemma_mobile.models.tiny import build_tiny
+
+    base = build_base("gemma3-270m", cache_dir() / "gemma3-270m-bf16")
+    d = tmp_path_factory.mktemp("vllm_kv")
+    tiny = build_tiny("gemma3", d / "base", tokenizer_from=base)
+    ckpt = write_mobile_checkpoint(tiny, d / "tiny-gemma3-mobile")
+    # KV scales x COARSE (the codes span 1/COARSE of their levels): with the calibrated scales, KV quantization
+    # moves this random model's log-probs no more than bf16 rounding does (measured: the reference without KV
+    # fake quant was as close to the engine as the one with it), so no greedy/log-prob test could tell a
+    # quantized cache from a bf16 one; coarse scales make the KV numerics visible.
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(ckpt / "model.safetensors"))
+    for k in [k for k in t if k.endswith(("self_attn.k_scale", "self_attn.v_scale"))]:
+        t[k] = t[k] * COARSE
+    save_file(t, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def llm(mobile_tiny):
+    from vllm import LLM
+
+    engine = LLM(str(mobile_tiny), **ENGINE)
+    yield engine
+    del engine
+
+
+def _greedy(n: int = N_TOKENS, logprobs: int | None = None):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
+
+
+def _capacity(engine) -> int:
+    cc = engine.llm_engine.vllm_config.cache_config
+    tokens = getattr(cc, "kv_cache_size_tokens", None)
+    assert tokens, "engine did not report its KV capacity"
+    return int(tokens)
+
+
+def probe(model: str, out: str) -> None:
+    """Subprocess entry: start an engine with ENGINE settings, write its KV layout and capacity as JSON."""
+    from vllm import LLM
+
+    from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache
+
+    engine = LLM(model, **ENGINE)
+    Path(out).write_text(json.dumps({"layers": engine.apply_model(describe_kv_cache)[0],
+                                     "capacity": _capacity(engine)}))
+
+
+# ------------------------------------------------------------------------------------------- allocation
+
+
+def test_allocated_cache_is_quantized(llm):
+    """Fails with a bf16 cache: the tensors vLLM bound to the layers are bytes, 1 (int8) or 0.5 (int4) byte per
+    element, and the layers run the gemma_mobile impl."""
+    from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache
+
+    layers = llm.apply_model(describe_kv_cache)[0]
+    assert [x["bits"] for x in layers] == [8, 8, 8, 8, 8, 4]
+    assert [x["impl"] for x in layers] == ["GemmaMobileKV8Impl"] * 5 + ["GemmaMobileKV4Impl"]
+    assert all(x["dtype"] == "torch.uint8" for x in layers)
+    # 1 KV head x head_dim 32 x (K + V): int8 64 B/token, int4 32 B/token (bf16 would be 128)
+    assert [x["bytes_per_token"] for x in layers] == [64.0] * 5 + [32.0]
+    assert [x["shape"][-1] for x in layers] == [64] * 5 + [32]
+
+
+def test_capacity_vs_bf16_switch(llm, mobile_tiny, tmp_path):
+    """Same VLLM_CPU_KVCACHE_SPACE: the bf16 switch gets half the blocks (every page is twice as large), and the
+    reported token capacity is 18/7 = 2.571x smaller. vLLM's capacity = blocks / blocks reserved per
+    512-token request: each of the 5 sliding layers reserves cdiv(window 16 - 1 + 64 in-flight, 32) + 1 = 4
+    blocks of 32 tokens in both modes; the global layer needs 512 tokens = 16 bf16 blocks of 32 tokens, but
+    only 8 int4 blocks (an int4 page holds 64 tokens in the bytes of a 32-token int8 page). bf16: 36 blocks of
+    4 KiB per request, quantized: 28 blocks of 2 KiB -> 36 * 4 / (28 * 2) = 18/7."""
+    out = tmp_path / "bf16.json"
+    code = ("import sys; sys.path.insert(0, %r)\nfrom test_vllm_kv import probe\nprobe(%r, %r)\n"
+            % (str(Path(__file__).parent), str(mobile_tiny), str(out)))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "GEMMA_MOBILE_KV_CACHE": "bf16"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "KV cache in the model dtype (GEMMA_MOBILE_KV_CACHE=bf16" in p.stdout + p.stderr
+    bf = json.loads(out.read_text())
+    assert all(x["dtype"] == "torch.bfloat16" and x["bytes_per_token"] == 128.0 for x in bf["layers"])
+    assert {x["impl"] for x in bf["layers"]} == {"CPUAttentionBackendImpl"}
+
+    from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache
+
+    q = llm.apply_model(describe_kv_cache)[0]
+    assert sum(x["bytes"] for x in q) == sum(x["bytes"] for x in bf["layers"])  # same memory
+    assert q[0]["shape"][0] == 2 * bf["layers"][0]["shape"][0]  # twice the blocks
+    ratio = _capacity(llm) / bf["capacity"]
+    print(f"KV capacity: quantized {_capacity(llm):,} tokens vs bf16 {bf['capacity']:,} = {ratio:.4f}x")
+    assert ratio == pytest.approx(18 / 7, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------- numerics
+
+
+def _reference_with_kv_fake_quant(ckpt: Path):
+    """The contract reference (exact-integer linears, fixtures_ckpt) with the evaluation's KV fake quant on."""
+    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, load_kv_specs, mobile_metadata, read_config
+
+    model, _ = fake_quant_reference(ckpt)
+    specs = load_kv_specs(ckpt, mobile_metadata(read_config(ckpt)))
+    assert install_kv_fake_quant(model, specs) == 6
+    return model
+
+
+def test_greedy_matches_reference_with_kv_fake_quant(llm, mobile_tiny):
+    """Greedy tokens (incl. a 145-token prompt prefilled in 64-token chunks and decoding past the 16-token
+    window) equal the reference with KV fake quant on, up to bf16 near-ties; log-probs within 0.35 nats (the
+    bound of the bf16-cache test: the linears are exact on both sides, attention/norms differ in bf16 rounding,
+    the KV values are bit-identical by construction)."""
+    from vllm_gemma_mobile.evaluate.reference import kv_fake_quant_enabled
+
+    outs = llm.generate(PROMPTS + [LONG], _greedy(logprobs=1))
+    assert len(outs[-1].prompt_token_ids) > 2 * ENGINE["max_num_batched_tokens"]
+    cases = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
+              [d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
+    model = _reference_with_kv_fake_quant(mobile_tiny)
+    print("with KV fake quant:", compare_greedy(model, cases, max_lp_diff=0.35))
+    # the check is sensitive: the same reference WITHOUT KV fake quant is out of tolerance
+    kv_fake_quant_enabled(model, False)
+    with pytest.raises(AssertionError) as e:
+        compare_greedy(model, cases, max_lp_diff=0.35)
+    print("reference without KV fake quant:", str(e.value)[:160])
+
+
+def test_prefix_caching_same_outputs(llm):
+    """A shared 100+-token prefix: outputs from cached blocks == outputs after a cache reset."""
+    prefix = LONG[: len(LONG) * 3 // 4]
+    a, b = prefix + " and then the cat", prefix + " while the bird"
+    llm.reset_prefix_cache()
+    cold = llm.generate([b], _greedy(logprobs=1))[0]
+    assert not cold.num_cached_tokens
+    llm.generate([a], _greedy(4))
+    warm = llm.generate([b], _greedy(logprobs=1))[0]
+    assert warm.num_cached_tokens and warm.num_cached_tokens >= 64, warm.num_cached_tokens
+    assert list(warm.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
+
+
+def test_mixed_length_batch_equals_serial(llm):
+    prompts = PROMPTS + [LONG, LONG[:200], "Hi", PROMPTS[1] + " " + LONG[:90]]
+    batch = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, _greedy())]
+    serial = [list(llm.generate([p], _greedy())[0].outputs[0].token_ids) for p in prompts]
+    assert batch == serial
+
+
+# ------------------------------------------------------------------------------------------- start-up errors
+
+
+def _start(model: Path, **kw) -> subprocess.CompletedProcess:
+    code = f"from vllm import LLM\nLLM({str(model)!r}, enforce_eager=True, max_model_len=128, **{kw!r})\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                          env={**os.environ})
+
+
+@pytest.mark.parametrize("case", ["nan", "missing"])
+def test_bad_kv_scale_fails_at_start(mobile_tiny, tmp_path, case):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(mobile_tiny, bad)
+    t = load_file(str(bad / "model.safetensors"))
+    if case == "nan":
+        t["model.layers.2.self_attn.v_scale"].fill_(float("nan"))
+        expect = "model.layers.2.self_attn.v_scale = nan"
+    else:
+        del t["model.layers.5.self_attn.k_scale"]
+        expect = "model.layers.5.self_attn.k_scale: missing"
+    save_file(t, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    p = _start(bad)
+    assert p.returncode != 0
+    assert expect in p.stderr, p.stderr[-3000:]
+
+
+def test_kv_cache_dtype_fp8_contradicts_checkpoint(mobile_tiny):
+    p = _start(mobile_tiny, kv_cache_dtype="fp8")
+    assert p.returncode != 0
+    out = p.stdout + p.stderr  # the error is raised in the worker process, which logs to stdout
+    assert "--kv-cache-dtype fp8 contradicts the checkpoint" in out, out[-3000:]

@@ -1,0 +1,210 @@
+"""The quantized hybrid KV cache inside vLLM (CPU path): an attention backend per cache width (int8 / int4)
+whose per-layer KV spec is a byte page (so vLLM really allocates 1 or 0.5 byte per element), which quantizes
+on write and attends over the quantized blocks with the torch reference of `kernels/kvcache.py`.
+
+Page (one per block, vLLM's `[num_blocks, num_kv_heads, block_size, C]` uint8 view): each token row holds the
+K codes then the V codes, `C = 2 * head_dim` bytes (int8) or `2 * head_dim / 2` (int4, two codes per byte,
+low nibble = even element, offset binary); layout and numerics are documented in `kernels/kvcache.py`.
+
+THE HOOK (undocumented vLLM internals, re-check on every vLLM upgrade): the CPU platform ignores attention
+backend choices and always returns CPU_ATTN, so `install()` - called from the gemma_mobile KV method while
+vLLM's `Attention.__init__` runs (`_init_kv_cache_quant` -> `create_weights`) - swaps `layer.attn_backend`
+and `layer.impl` of that one layer. Everything later (KV spec -> `customize_spec`, attention groups keyed by
+backend class, `do_kv_cache_update`, `forward`) goes through the swapped objects. Layers without KV bits keep
+CPU_ATTN. Both backends are also registered by name with `register_backend` ("GEMMA_MOBILE_KV8/KV4") so
+`AttentionBackendEnum` can resolve them; the CPU platform does not use that path in 0.32.
+
+Gemma 4 KV-shared layers (`kv_sharing_target_layer_name`): vLLM binds the target's cache tensor to them and
+skips their cache update; their impl reads that cache with the TARGET's bits and scales (looked up once from
+the target layer at the first forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from kernels import kvcache as kvc
+
+
+@dataclass
+class GemmaMobileKVMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: torch.Tensor  # [R + 1]
+    seq_lens: torch.Tensor  # [R]
+    block_table: torch.Tensor  # [R, max_blocks]
+    slot_mapping: torch.Tensor
+    causal: bool = True
+
+
+class GemmaMobileKVMetadataBuilder(AttentionMetadataBuilder[GemmaMobileKVMetadata]):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> GemmaMobileKVMetadata:
+        m = common_attn_metadata
+        if isinstance(m.causal, torch.Tensor):
+            raise NotImplementedError("gemma_mobile KV cache: per-token dynamic causal masks are not supported")
+        r = m.num_reqs
+        return GemmaMobileKVMetadata(
+            num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+            query_start_loc=m.query_start_loc_cpu[:r + 1], seq_lens=m.seq_lens[:r].cpu(),
+            block_table=m.block_table_tensor[:r], slot_mapping=m.slot_mapping, causal=bool(m.causal))
+
+
+class GemmaMobileKVImpl(AttentionImpl):
+    """Decoder self-attention over a quantized paged cache (`bits` from the backend subclass)."""
+
+    bits: ClassVar[int]
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None,
+                 **_: object) -> None:
+        if alibi_slopes is not None or sinks is not None:
+            raise NotImplementedError("gemma_mobile KV cache: ALiBi / attention sinks are not supported")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"gemma_mobile KV cache: attention type {attn_type} is not supported")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
+        self.logits_soft_cap = logits_soft_cap or None
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.k_scale: float | None = None  # set by GemmaMobileKVCacheMethod after loading (f32 values)
+        self.v_scale: float | None = None
+
+    def set_scales(self, k_scale: float, v_scale: float) -> None:
+        self.k_scale, self.v_scale = k_scale, v_scale
+        self._ks = torch.tensor(k_scale, dtype=torch.float32)
+        self._vs = torch.tensor(v_scale, dtype=torch.float32)
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_scale is None and self.kv_sharing_target_layer_name is not None:
+            from vllm.forward_context import get_forward_context
+
+            target = get_forward_context().no_compile_layers[self.kv_sharing_target_layer_name].impl
+            if not isinstance(target, GemmaMobileKVImpl) or target.bits != self.bits:
+                raise RuntimeError(f"gemma_mobile: KV-shared layer reads {self.kv_sharing_target_layer_name}, "
+                                   f"whose cache is not int{self.bits}")
+            self.set_scales(target.k_scale, target.v_scale)
+        if self.k_scale is None:
+            raise RuntimeError("gemma_mobile: quantized KV cache layer has no scales (weights not loaded?)")
+        return self._ks, self._vs
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        ks, vs = self._scales()
+        kvc.write_kv_cache(kv_cache, key, value, slot_mapping, ks, vs, self.bits)
+
+    def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: GemmaMobileKVMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("gemma_mobile KV cache: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        ks, vs = self._scales()
+        n = attn_metadata.num_actual_tokens
+        kvc.paged_attention(query[:n], kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+                            attn_metadata.block_table, ks, vs, self.bits, self.scale,
+                            sliding_window=self.sliding_window, softcap=self.logits_soft_cap,
+                            causal=attn_metadata.causal, out=output[:n])
+        return output
+
+
+class GemmaMobileKV8Impl(GemmaMobileKVImpl):
+    bits = 8
+
+
+class GemmaMobileKV4Impl(GemmaMobileKVImpl):
+    bits = 4
+
+
+class _GemmaMobileKVBackend(CPUAttentionBackend):
+    """CPU_ATTN's block sizes / layout, our page, metadata and impl. `get_name` stays "CPU_ATTN": vLLM maps
+    the name to its enum in places; the class (not the name) keys the attention groups."""
+
+    bits: ClassVar[int]
+    impl_cls: ClassVar[type[GemmaMobileKVImpl]]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def get_impl_cls(cls) -> type[GemmaMobileKVImpl]:  # type: ignore[override]
+        return cls.impl_cls
+
+    @staticmethod
+    def get_builder_cls() -> type[GemmaMobileKVMetadataBuilder]:  # type: ignore[override]
+        return GemmaMobileKVMetadataBuilder
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """One byte row per (token, head): K codes then V codes; vLLM sizes pages and capacity from this."""
+        content = kvc.code_bytes(spec.head_size, cls.bits) + kvc.code_bytes(spec.head_size_v, cls.bits)
+        return replace(spec, dtype=torch.uint8, state_content_bytes=content)
+
+
+class GemmaMobileKV8Backend(_GemmaMobileKVBackend):
+    bits = 8
+    impl_cls = GemmaMobileKV8Impl
+
+
+class GemmaMobileKV4Backend(_GemmaMobileKVBackend):
+    bits = 4
+    impl_cls = GemmaMobileKV4Impl
+
+
+BACKENDS: dict[int, type[_GemmaMobileKVBackend]] = {8: GemmaMobileKV8Backend, 4: GemmaMobileKV4Backend}
+_registered = False
+
+
+def register_backends() -> None:
+    """Name the backends in vLLM's registry (cheap, idempotent); not what the CPU platform uses (see above)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.v1.attention.backends.registry import register_backend
+
+    for bits, cls in BACKENDS.items():
+        try:
+            register_backend(f"GEMMA_MOBILE_KV{bits}", f"{cls.__module__}.{cls.__qualname__}")
+        except Exception:  # registry API differs (other vLLM version): the direct hook below still works
+            pass
+    _registered = True
+
+
+def install(layer: torch.nn.Module, bits: int) -> None:
+    """THE HOOK: make vLLM `Attention` layer `layer` use the int`bits` quantized cache (see module docstring).
+    Must run inside `Attention.__init__` (before vLLM asks the layer for its KV spec)."""
+    if bits not in BACKENDS:
+        raise ValueError(f"gemma_mobile: KV cache bits {bits} not supported (int8 or int4)")
+    old = layer.impl
+    if getattr(old, "alibi_slopes", None) is not None or getattr(old, "sinks", None) is not None:
+        raise NotImplementedError(f"gemma_mobile: {layer.layer_name}: ALiBi / sinks with a quantized KV cache")
+    backend = BACKENDS[bits]
+    sliding = getattr(old, "sliding_window", None)
+    layer.attn_backend = backend
+    layer.impl = backend.get_impl_cls()(
+        old.num_heads, old.head_size, old.scale, old.num_kv_heads, None,
+        sliding if sliding is not None and sliding > 0 else None, "auto",
+        getattr(old, "logits_soft_cap", None) or None, getattr(old, "attn_type", AttentionType.DECODER),
+        getattr(layer, "kv_sharing_target_layer_name", None))

@@ -1,0 +1,148 @@
+"""KV cache of gemma-mobile checkpoints in vLLM: per-layer k/v scales, the quantized cache switch, start-up checks.
+
+Default: the hybrid quantized cache of the checkpoint (`quantization_config.gemma_mobile.kv_cache.layer_bits`:
+int8 for sliding layers, int4 for global ones), with the static per-tensor scales
+`model.layers.i.self_attn.k_scale` / `v_scale`; the attention backend is `kv_attention.py` (CPU only in this
+version: on other platforms the cache stays in the model dtype and the start-up line says so).
+
+Comparison switch: `GEMMA_MOBILE_KV_CACHE=bf16` serves the same checkpoint with vLLM's own unquantized cache
+(model dtype); scales are still loaded and checked. The mode is logged at start-up. `--kv-cache-dtype` must
+stay `auto`: the checkpoint fixes the cache format, so e.g. `--kv-cache-dtype fp8` is a start-up error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod, KVCacheScaleParameter
+
+# under vLLM's logger tree so INFO lines reach vLLM's handler (a plain module logger only prints warnings)
+logger = init_logger("vllm.gemma_mobile.kv_cache")
+
+ENV = "GEMMA_MOBILE_KV_CACHE"
+_MODES = {"": "quantized", "quantized": "quantized", "int": "quantized", "bf16": "bf16"}
+
+
+def kv_cache_mode() -> str:
+    """`quantized` (default) or `bf16` (from $GEMMA_MOBILE_KV_CACHE)."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v not in _MODES:
+        raise ValueError(f"{ENV}={v!r}: expected 'bf16' (unquantized cache, for comparison) or unset")
+    return _MODES[v]
+
+
+def quantized_cache_supported() -> bool:
+    """The quantized cache runs the torch reference of kernels/kvcache.py through a CPU_ATTN-derived backend:
+    CPU only in this version (GPU Triton kernels are future work)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _layer_index(name: str | None) -> int:
+    m = re.search(r"layers\.(\d+)\.", name or "")
+    return int(m.group(1)) if m else -1
+
+
+def describe_kv_mode(layer_bits: list[int | None]) -> str:
+    """The start-up log line (one place, so tests and docs quote the same text)."""
+    bits = [b for b in layer_bits if b]
+    if not bits:
+        return "gemma_mobile: checkpoint has no KV bits: KV cache in the model dtype"
+    per = ", ".join(f"int{b} x {bits.count(b)} layers" for b in sorted(set(bits), reverse=True))
+    if kv_cache_mode() == "bf16":
+        return (f"gemma_mobile: KV cache in the model dtype ({ENV}=bf16, for comparison); the checkpoint's "
+                f"quantized KV ({per}) is NOT used")
+    if not quantized_cache_supported():
+        return (f"gemma_mobile: KV cache in the model dtype: the quantized KV cache ({per}) is CPU-only in this "
+                "version")
+    return f"gemma_mobile: quantized KV cache active: {per} (static per-tensor k/v scales from the checkpoint)"
+
+
+def log_kv_mode(layer_bits: list[int | None]) -> None:
+    logger.info(describe_kv_mode(layer_bits))
+
+
+def describe_kv_cache(model: torch.nn.Module) -> list[dict]:
+    """Per attention layer: impl class, bits, and the cache tensor vLLM bound to it (dtype, shape, bytes,
+    bytes per token). For `LLM.apply_model` in tests and diagnostics."""
+    from vllm.model_executor.layers.attention import Attention
+
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, Attention):
+            continue
+        kv = m.kv_cache[0] if isinstance(m.kv_cache, list) else m.kv_cache
+        nbytes = kv.numel() * kv.element_size()
+        tokens = kv.shape[0] * kv.shape[2] if kv.dim() == 4 else 0
+        out.append({"layer": name, "impl": type(m.impl).__name__, "bits": getattr(m, "gm_kv_bits", None),
+                    "dtype": str(kv.dtype), "shape": list(kv.shape), "bytes": nbytes,
+                    "bytes_per_token": nbytes / tokens if tokens else None,
+                    "shared_from": getattr(m, "kv_sharing_target_layer_name", None)})
+    return out
+
+
+class GemmaMobileKVCacheMethod(BaseKVCacheMethod):
+    """Loads `self_attn.k_scale` / `v_scale`, checks them, and (quantized mode) installs the quantized cache
+    backend on the layer; `layer.gm_kv` records what the layer serves."""
+
+    def __init__(self, quant_config, bits: int | None):
+        super().__init__(quant_config)
+        self.bits = bits
+
+    def _effective_bits(self, layer: torch.nn.Module) -> int | None:
+        """Own bits, or for a Gemma 4 KV-shared layer the bits of the layer whose cache it reads."""
+        target = getattr(layer, "kv_sharing_target_layer_name", None)
+        if target is None:
+            return self.bits
+        j = _layer_index(target)
+        lb = getattr(self.quant_config, "kv_layer_bits", [])
+        return lb[j] if 0 <= j < len(lb) else None
+
+    def create_weights(self, layer: torch.nn.Module) -> None:
+        for name in ("k_scale", "v_scale"):
+            p = KVCacheScaleParameter()
+            p.data = p.data.to(torch.float32)  # created under the model's default dtype (bf16)
+            setattr(layer, name, p)
+        bits = self._effective_bits(layer)
+        layer.gm_kv_bits = bits
+        if bits is None:
+            return
+        from vllm.config import get_current_vllm_config
+
+        user = get_current_vllm_config().cache_config.cache_dtype
+        if user != "auto":
+            raise ValueError(
+                f"gemma_mobile: --kv-cache-dtype {user} contradicts the checkpoint, whose KV cache is int{bits} "
+                f"for {getattr(layer, 'layer_name', 'this layer')} (quantization_config.gemma_mobile.kv_cache); "
+                f"leave --kv-cache-dtype at auto (or set {ENV}=bf16 for an unquantized cache)")
+        if kv_cache_mode() == "quantized" and quantized_cache_supported():
+            from vllm_gemma_mobile.vllm import kv_attention
+
+            kv_attention.register_backends()
+            kv_attention.install(layer, bits)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        k, v = float(layer.k_scale), float(layer.v_scale)
+        bits = getattr(layer, "gm_kv_bits", self.bits)
+        shared = getattr(layer, "kv_sharing_target_layer_name", None)
+        if self.bits is not None:  # the layer owns a cache: its scales must be in the checkpoint
+            base = re.sub(r"\.attn$", "", getattr(layer, "layer_name", "attention"))
+            for kind, val in (("k", k), ("v", v)):
+                if not (math.isfinite(val) and val > 0):
+                    raise ValueError(f"gemma_mobile: {base}.{kind}_scale = {val}: kv bits {self.bits} need a "
+                                     "finite scale > 0 (missing or invalid in the checkpoint)")
+        own = self.bits is not None and shared is None
+        layer.gm_kv = {"bits": bits, "k_scale": k if own else None, "v_scale": v if own else None,
+                       "shared_from": shared,
+                       "cache": type(layer.impl).__name__ if bits is not None else None}
+        impl = layer.impl
+        if own and hasattr(impl, "set_scales"):
+            impl.set_scales(k, v)
+        del layer.k_scale
+        del layer.v_scale
+        # layer._k_scale / _v_scale stay 1.0: vLLM's own (bf16) cache must not be scaled; ours reads impl scales.
