@@ -27,13 +27,14 @@ def test_real_mobile_checkpoint_layout_and_size(real_base, real_mobile):
 
 
 def test_real_mobile_quality_vs_bf16(real_base, real_mobile):
-    """A guard against broken pipelines, not a quality target: PTQ of this 270M into the full mobile format is
-    heavily degraded (README "Results": 8192 tokens, ppl 47.6 bf16 -> 4531 mobile, 10% greedy agreement;
-    the per-component ablation shows static int8 activations and int4 KV do most of the damage, the 4-bit
-    weights almost none). A broken scale or clipping path is far worse: the 2-bit table with llmcompressor's
-    default MSE search range gave ppl 1.3e5 (2% agreement), garbage scales give ~vocab size."""
+    """Quality guard at the measured figures (reference numerics incl. the int8/int4 KV fake quant, the first
+    1024 held-out tokens): measured 2026-11-29 on this project's AVX2 machine for the cached recipe checkpoint:
+    bf16 ppl 27.93, mobile ppl 3434, greedy agreement 12.0 %, KL 5.06. PTQ of this 270M into the full format is
+    heavily degraded (README "Results"); this test catches a pipeline that gets WORSE: ppl more than 1.3x the
+    measured value or agreement 3 points lower fails (a 2x regression cannot pass). The margin covers float
+    rounding of a rebuild on another CPU; the bf16 side is checked to 2 %."""
     r = evaluate(real_mobile, reference=real_base, max_tokens=1024, seq_len=512)
     ppl = r["perplexity"]
-    assert 10 < ppl["reference"] < 100, r
-    assert ppl["reference"] < ppl["model"] < 30_000, r
-    assert r["greedy_agreement_pct"] > 3, r
+    assert abs(ppl["reference"] / 27.93 - 1) < 0.02, r
+    assert ppl["reference"] < ppl["model"] < 1.3 * 3434, r
+    assert r["greedy_agreement_pct"] > 12.0 - 3, r
