@@ -204,3 +204,45 @@ def test_corrupted_gemma4_checkpoint_fails_naming_the_tensor(mobile_g4, tmp_path
     with pytest.raises(CheckpointError) as e:
         validate_checkpoint(bad)
     assert msg in str(e.value), str(e.value)
+
+
+QUANTIZED_KV_CHILD = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache
+llm = LLM(sys.argv[1], enforce_eager=True, max_model_len=256, dtype="bfloat16", seed=0)
+prompts = json.loads(sys.argv[2])
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1))
+cases = [(p, list(o.outputs[0].token_ids), [d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+         for p, o in zip(prompts, outs)]
+print("RESULT" + json.dumps({"cases": cases, "kv": llm.apply_model(describe_kv_cache)[0]}))
+"""
+
+
+def test_quantized_kv_cache_with_kv_shared_layers(mobile_g4):
+    """The same checkpoint with the quantized KV cache (the default): KV-owning layers get uint8 caches (int8
+    sliding, packed int4 global), the KV-shared layers read their target layer's cache, and greedy tokens match
+    the reference WITH its KV fake quant (shared layers use their source layer's scales there too), up to bf16
+    near-ties (compare_greedy, the Gemma 3 engine tests' bound)."""
+    import os
+    import subprocess
+    import sys
+
+    from vllm_gemma_mobile.evaluate.reference import load_reference
+    from vllm_gemma_mobile.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = [tok(p).input_ids[:60] for p in PROMPTS[:4]]
+    env = {k: v for k, v in os.environ.items() if k != "GEMMA_MOBILE_KV_CACHE"}
+    r = subprocess.run([sys.executable, "-c", QUANTIZED_KV_CHILD, str(mobile_g4), json.dumps(prompts)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "quantized KV cache active: int8 x 3 layers, int4 x 1 layers" in r.stdout + r.stderr, r.stdout[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
+    kv = res["kv"]
+    assert [k["dtype"] for k in kv] == ["torch.uint8"] * 6, kv
+    assert [k["shared_from"] for k in kv[:4]] == [None] * 4
+    assert [k["shared_from"].split(".layers.")[1].split(".")[0] for k in kv[4:]] == ["3", "2"], kv
+    ref, _ = load_reference(mobile_g4)  # KV fake quant on
+    print(compare_greedy(ref, [tuple(c) for c in res["cases"]], max_lp_diff=0.35))
