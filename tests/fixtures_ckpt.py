@@ -18,6 +18,17 @@ from typing import Any, Callable
 
 import torch
 
+def checkpoint_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (all safetensors shards), by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(Path(ckpt).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 LINEAR_RE = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 QMAX = {2: 1, 4: 7, 8: 127}
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kernels import bitpack
@@ -21,12 +20,7 @@ IDS = torch.tensor([[2, 17, 45, 301, 99, 7, 512, 33, 8, 250, 13, 77, 5, 61, 200,
                      400, 12, 640, 1000, 6, 71, 300, 14, 15, 88, 123, 4, 256, 19, 511, 20, 21, 700, 22, 23]])
 
 
-def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in ckpt.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from fixtures_ckpt import checkpoint_tensors as tensors  # noqa: E402
 
 
 def config(ckpt: Path) -> dict:

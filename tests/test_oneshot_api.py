@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from vllm_gemma_mobile.quantize.run import quantize
 
@@ -35,12 +34,7 @@ print("PLAIN-ONESHOT-DONE")
 """
 
 
-def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from fixtures_ckpt import checkpoint_tensors as _tensors  # noqa: E402
 
 
 def _calibration_ids(vocab: int) -> list[list[int]]:

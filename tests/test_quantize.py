@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from vllm_gemma_mobile.quantize.run import QuantizeError, calibrate, quantize, save_mobile
 
@@ -14,12 +13,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 N_SAMPLES, SEQ_LEN = 8, 64
 
 
-def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in ckpt.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from fixtures_ckpt import checkpoint_tensors as tensors  # noqa: E402
 
 
 @pytest.fixture(scope="session")
