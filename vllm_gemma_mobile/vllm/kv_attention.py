@@ -109,6 +109,11 @@ class GemmaMobileKVImpl(AttentionImpl):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         ks, vs = self._scales()
+        if kv_cache.is_cuda:  # GPU: the Triton kernels (same semantics, kernels/kvcache_triton.py)
+            from kernels.kvcache_triton import write_kv_cache_triton
+
+            write_kv_cache_triton(kv_cache, key, value, slot_mapping, ks, vs, self.bits)
+            return
         kvc.write_kv_cache(kv_cache, key, value, slot_mapping, ks, vs, self.bits)
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -121,10 +126,13 @@ class GemmaMobileKVImpl(AttentionImpl):
             return output
         ks, vs = self._scales()
         n = attn_metadata.num_actual_tokens
-        kvc.paged_attention(query[:n], kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
-                            attn_metadata.block_table, ks, vs, self.bits, self.scale,
-                            sliding_window=self.sliding_window, softcap=self.logits_soft_cap,
-                            causal=attn_metadata.causal, out=output[:n])
+        attend = kvc.paged_attention
+        if kv_cache.is_cuda:  # GPU: the Triton kernel (same semantics, reads the codes in place)
+            from kernels.kvcache_triton import paged_attention_triton as attend
+        attend(query[:n], kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+               attn_metadata.block_table, ks, vs, self.bits, self.scale,
+               sliding_window=self.sliding_window, softcap=self.logits_soft_cap,
+               causal=attn_metadata.causal, out=output[:n])
         return output
 
 
