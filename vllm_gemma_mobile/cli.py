@@ -1,4 +1,4 @@
-"""`gemma-mobile` command line: base | quantize | convert | eval | report | serve | bench.
+"""`gemma-mobile` command line: base | quantize | convert | synth | eval | report | serve | bench.
 
 Each subcommand is a thin argparse front for one function; the work lives in the module named beside it.
 """
@@ -42,6 +42,12 @@ def _cmd_convert(a: argparse.Namespace) -> None:
     except ConvertError as e:
         sys.exit(f"gemma-mobile convert: {e}")
     print(path)
+
+
+def _cmd_synth(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.models import synthetic
+
+    print(synthetic.write_synthetic(a.kind, a.out, layout=a.layout, seed=a.seed, force=a.force))
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -100,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target layout (default: the other one than SRC's)")
     s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     s.set_defaults(func=_cmd_convert)
+
+    s = sub.add_parser("synth", help="random-weight Gemma 4 E2B/E4B text checkpoint at real size (real config "
+                                     "and bit map), for load-time / memory / speed measurements")
+    s.add_argument("kind", choices=["e2b", "e4b"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--layout", choices=["ct", "google", "bf16"], default="ct",
+                   help="ct: ours (compressed-tensors), google: quant_method gemma, bf16: the dense twin")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    s.set_defaults(func=_cmd_synth)
 
     s = sub.add_parser("eval", help="perplexity, greedy agreement and KL vs a reference (transformers fake quant)")
     s.add_argument("model")
