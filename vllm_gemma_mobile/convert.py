@@ -10,7 +10,7 @@ read (docs/checkpoint-format.md, "Google's layout"). The mapping, module by modu
 | `P.input_scale` / `P.output_scale` [1]             | `P.input_activation_scale` / `output_activation_scale` f32 [] |
 | embedding `E.weight_packed` + `E.weight_scale` [V, G] | `E.embedding_quantized` + `E.embedding_scale` f32 [V, G] |
 | `layers.i.self_attn.k_scale` / `v_scale` [1]       | `layers.i.self_attn.k_cache_scale` / `v_cache_scale` f32 [] |
-| tied lm_head (no tensors, weight-only)             | separate `lm_head` QuantizedLinear, byte-identical to `embed_tokens`, activation scales 0 (= identity), `tie_word_embeddings: false` |
+| tied lm_head (no tensors) + `gemma_mobile.lm_head` {input_scale, output_scale} (absent/null = weight-only) | separate `lm_head` QuantizedLinear, byte-identical to `embed_tokens`, `input/output_activation_scale` (0 = identity), `tie_word_embeddings: false` |
 | `config_groups` (bits per module)                  | `module_quant_configs`: ordered, anchored regexes, one per module set, each module matched by exactly one |
 | modules without `weight_packed` (dense)            | `modules_to_not_convert` (anchored exact names)       |
 | `gemma_mobile.kv_cache` (int8 sliding / int4 full) | implicit (Google's layout has no KV bit widths)       |
@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from kernels import bitpack
+from vllm_gemma_mobile.metadata import parse_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +259,10 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if qc.get("kv_cache_scheme") is not None:
         raise ConvertError("quantization_config.kv_cache_scheme is set: our layout keeps KV bits in gemma_mobile")
     expected = _expected_kv(hf_config)["kv_cache"]
+    try:
+        parse_metadata(qc["gemma_mobile"])
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     kv = (qc["gemma_mobile"] or {}).get("kv_cache") or {}
     if list(kv.get("layer_bits") or []) != expected["layer_bits"]:
         raise ConvertError(f"gemma_mobile.kv_cache.layer_bits = {kv.get('layer_bits')}: Google's layout has no KV "
@@ -362,10 +367,14 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ConvertError(f"{emb_name}.weight_scale: a tied lm_head needs one scale per vocab row")
         out[f"{head_name}.weight"] = out[f"{emb_name}.embedding_quantized"].clone()
         out[f"{head_name}.weight_scale"] = out[f"{emb_name}.embedding_scale"].clone()
-        out[f"{head_name}.input_activation_scale"] = torch.zeros((), dtype=torch.float32)
-        out[f"{head_name}.output_activation_scale"] = torch.zeros((), dtype=torch.float32)
+        head = parse_metadata(qc["gemma_mobile"]).lm_head
+        for kind in ("input", "output"):  # the lm_head's own SRQ scales; 0 = identity (weight-only side)
+            v = getattr(head, f"{kind}_scale") if head is not None else None
+            out[f"{head_name}.{kind}_activation_scale"] = torch.tensor(0.0 if v is None else v, dtype=torch.float32)
         qbits[head_name] = qbits[emb_name]
     else:
+        if parse_metadata(qc["gemma_mobile"]).lm_head is not None:
+            raise ConvertError("gemma_mobile.lm_head: activation scales for an lm_head whose table is not quantized")
         out[f"{head_name}.weight"] = t[f"{emb_name}.weight"].clone()
 
     dense = sorted(n for n in mods if n not in qbits)
@@ -467,13 +476,14 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y) or qbits[head_name] != qbits[emb_name]:
                 raise ConvertError(f"{head_name}.{a} is not byte-identical to {emb_name}.{b}: our layout has one "
                                    "table serving embed_tokens and the tied lm_head")
+        head_scales = {}
         for kind in ("input", "output"):
             key = f"{head_name}.{kind}_activation_scale"
             s = _scalar_scale(key, t.get(key, torch.zeros(())), allow_zero=True)
             used.add(key)
-            if s != 0:
-                raise ConvertError(f"{key} = {float(s)}: our tied lm_head is weight-only (no activation "
-                                   "quantization); a calibrated lm_head SRQ would be dropped")
+            head_scales[f"{kind}_scale"] = float(s) if s != 0 else None  # 0 = identity (Google) = null (ours)
+        if any(v is not None for v in head_scales.values()):
+            meta["lm_head"] = head_scales  # static int8 SRQ of the tied lm_head (metadata.LMHeadScales)
     elif f"{head_name}.weight" in t:
         used.add(f"{head_name}.weight")
         if emb_name in qbits or not torch.equal(t[f"{head_name}.weight"], t.get(f"{emb_name}.weight", torch.empty(0))):

@@ -89,6 +89,21 @@ def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
     return _impl(x, scale, bits)
 
 
+def install_lm_head_srq(model: torch.nn.Module, head) -> None:
+    """Static int8 SRQ on the lm_head's input and output (`metadata.LMHeadScales`; None = identity on that side):
+    `logits = qdq(lm_head(qdq(h, s_x)), s_y)`, each qdq computed in the activation dtype like every other SRQ of
+    this reference (the same function as the KV fake quant, 8 bits). Gemma's final logit softcap follows it."""
+    lm = model.get_output_embeddings()
+    if lm is None:
+        raise ValueError("gemma_mobile.lm_head scales given but the model has no lm_head")
+    if head.input_scale is not None:
+        sx = torch.tensor(head.input_scale, dtype=torch.float32)
+        lm.register_forward_pre_hook(lambda m, args: (fake_quant_kv(args[0], sx, 8),) + tuple(args[1:]))
+    if head.output_scale is not None:
+        sy = torch.tensor(head.output_scale, dtype=torch.float32)
+        lm.register_forward_hook(lambda m, args, out: fake_quant_kv(out, sy, 8))
+
+
 def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         raise ScaleError(f"{name}: missing (the checkpoint must carry it; see docs/checkpoint-format.md)")
@@ -347,6 +362,12 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu"):
         summary.update(_check_activation_quant(model))
     model.eval().to(device)
     if meta is not None:
+        from vllm_gemma_mobile.metadata import parse_metadata
+
+        head = parse_metadata(meta).lm_head
+        if head is not None:
+            install_lm_head_srq(model, head)
+            summary["lm_head_srq"] = head.model_dump()
         specs = load_kv_specs(model_dir, meta)
         install_kv_fake_quant(model, specs)
         n = model.config.get_text_config().num_hidden_layers

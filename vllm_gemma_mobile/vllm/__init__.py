@@ -2,5 +2,9 @@
 
 
 def register() -> None:
-    """Register the gemma-mobile quantization config with vLLM (idempotent, cheap)."""
+    """Register the gemma-mobile quantization config with vLLM and the Google-layout weight translation
+    (google_layout.py); idempotent, cheap, runs in every vLLM process."""
     from vllm_gemma_mobile.vllm import config  # noqa: F401  (registration happens at import)
+    from vllm_gemma_mobile.vllm import google_layout
+
+    google_layout.install()

@@ -1,8 +1,9 @@
 """`gemma_mobile` quantization config: claims gemma-mobile compressed-tensors checkpoints for this plugin.
 
 A checkpoint is ours when its `quantization_config` says `quant_method: compressed-tensors` AND carries the
-`gemma_mobile` key (docs/checkpoint-format.md); every other compressed-tensors checkpoint stays with upstream.
-No CLI flag is needed: `override_quantization_method` answers "gemma_mobile" for ours.
+`gemma_mobile` key (docs/checkpoint-format.md), or is Google's own `quant_method: "gemma"` layout (translated
+into the same contract at load, google_layout.py); every other compressed-tensors checkpoint stays with
+upstream. No CLI flag is needed: `override_quantization_method` answers "gemma_mobile" for both.
 
 Layers: quantized linears -> `GemmaMobileLinearMethod` (wNa8o8; also Gemma 4's ReplicatedLinear
 `per_layer_input_gate` / `per_layer_projection`, the ColumnParallelLinear `per_layer_model_projection` and the
@@ -32,15 +33,18 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
+from vllm_gemma_mobile.metadata import parse_metadata
 from vllm_gemma_mobile.vllm.embedding import GemmaMobileEmbeddingMethod
+from vllm_gemma_mobile.vllm.google_layout import is_google_dir, translated_config
 from vllm_gemma_mobile.vllm.kv_cache import GemmaMobileKVCacheMethod, log_kv_mode
 from vllm_gemma_mobile.vllm.linear import GemmaMobileLinearMethod
 from vllm_gemma_mobile.vllm.validate import validate_checkpoint, validate_quant_config
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.gemma_mobile.config")  # under vllm's handlers, so it shows in engine logs
 
 NAME = "gemma_mobile"
 MARKER = "gemma_mobile"
+GOOGLE_METHOD = "gemma"  # Google's own layout (google_layout.py)
 
 
 @register_quantization_config(NAME)
@@ -49,13 +53,24 @@ class GemmaMobileConfig(QuantizationConfig):
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        validate_quant_config(config)
-        self.config = config
-        self.groups: list[dict[str, Any]] = list((config.get("config_groups") or {}).values())
-        self.ignore: list[str] = list(config.get("ignore") or [])
-        gm = config[MARKER]
-        self.kv_layer_bits: list[int | None] = list((gm.get("kv_cache") or {}).get("layer_bits") or [])
+        # "google": Google's `quant_method: gemma`, translated into our contract once the directory is known
+        # (maybe_update_config, google_layout.py); "ct": ours
+        self.layout = "google" if config.get("quant_method") == GOOGLE_METHOD else "ct"
+        self.source_config = config
+        self._tables: dict[str, torch.nn.Module] = {}  # embed_tokens prefix -> module (lm_head shares its table)
         self._warned_kv = False
+        self._set_contract(config if self.layout == "ct" else None)
+
+    def _set_contract(self, config: dict[str, Any] | None) -> None:
+        """Parse our compressed-tensors `quantization_config` (None: not known yet, Google layout)."""
+        if config is not None:
+            validate_quant_config(config)
+        self.config = config
+        self.groups: list[dict[str, Any]] = list(((config or {}).get("config_groups") or {}).values())
+        self.ignore: list[str] = list((config or {}).get("ignore") or [])
+        self.meta = parse_metadata(config[MARKER]) if config is not None else None
+        self.kv_layer_bits: list[int | None] = self.meta.kv_layer_bits if self.meta else []
+        self.lm_head_scales = self.meta.lm_head if self.meta else None
 
     # -- registry API
     @classmethod
@@ -81,9 +96,10 @@ class GemmaMobileConfig(QuantizationConfig):
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
                                      hf_config: Any = None) -> str | None:
-        if not isinstance(hf_quant_cfg, dict) or MARKER not in hf_quant_cfg:
+        if not isinstance(hf_quant_cfg, dict):
             return None
-        if hf_quant_cfg.get("quant_method") != "compressed-tensors":
+        method = hf_quant_cfg.get("quant_method")
+        if not ((method == "compressed-tensors" and MARKER in hf_quant_cfg) or method == GOOGLE_METHOD):
             return None
         if user_quant not in (None, NAME):
             return None  # the user asked for something else explicitly (e.g. upstream compressed-tensors)
@@ -91,6 +107,16 @@ class GemmaMobileConfig(QuantizationConfig):
 
     def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
         d = Path(model_name)
+        if self.layout == "google":
+            if not is_google_dir(d):
+                raise ValueError(f"gemma_mobile: {model_name}: Google-layout (quant_method 'gemma') checkpoints are "
+                                 "served from a local directory (its tensors are translated at load)")
+            self._set_contract(translated_config(d))
+            logger.info("gemma_mobile: %s: Google layout (quant_method 'gemma'), served through the "
+                        "compressed-tensors contract: groups %s%s", d, sorted(self.config["config_groups"]),
+                        f", lm_head SRQ {self.lm_head_scales.model_dump()}" if self.lm_head_scales else "")
+            log_kv_mode(self.kv_layer_bits)
+            return
         if d.is_dir() and (d / "config.json").exists():
             summary = validate_checkpoint(d, self.config)
             logger.info("gemma_mobile: checkpoint %s validated: linear bits %s, embedding %s-bit%s", d,
@@ -120,9 +146,13 @@ class GemmaMobileConfig(QuantizationConfig):
                 return g
         return None
 
+    @staticmethod
+    def _embed_prefix(lm_head_prefix: str) -> str:
+        return lm_head_prefix[: -len("lm_head")] + "model.embed_tokens"
+
     def _embed_group(self, lm_head_prefix: str) -> dict[str, Any] | None:
         """The group of the input embedding (`...model.embed_tokens`) that a tied `...lm_head` shares."""
-        embed = lm_head_prefix[: -len("lm_head")] + "model.embed_tokens"
+        embed = self._embed_prefix(lm_head_prefix)
         for g in self.groups:
             for t in g.get("targets", []):
                 if re.match(t[3:], embed) if t.startswith("re:") else (embed == t or embed.endswith("." + t)):
@@ -130,18 +160,29 @@ class GemmaMobileConfig(QuantizationConfig):
         return None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if self.config is None:
+            raise RuntimeError("gemma_mobile: Google-layout config used before maybe_update_config translated it")
         if isinstance(layer, ParallelLMHead):
             from vllm.config import get_current_vllm_config
 
             hf = get_current_vllm_config().model_config.hf_text_config
-            if getattr(hf, "tie_word_embeddings", False):
+            # ours: tie_word_embeddings; Google's: a separate lm_head that the converter found byte-identical to
+            # the table (the translated contract has it tied), so it is served from the table too
+            if getattr(hf, "tie_word_embeddings", False) or self.layout == "google":
                 g = self._embed_group(prefix)
                 if g is None:
                     return None
                 if g["weights"].get("strategy") != "channel":
                     raise ValueError(f"gemma_mobile: the embedding table tied to {prefix} must have per-row "
                                      f"(channel) scales, got strategy {g['weights'].get('strategy')!r}")
-                return GemmaMobileEmbeddingMethod(g["weights"]["num_bits"], tied_lm_head=True)
+                source = None
+                if not getattr(hf, "tie_word_embeddings", False):
+                    source = self._tables.get(self._embed_prefix(prefix))
+                    if source is None:
+                        raise ValueError(f"gemma_mobile: {prefix}: the embedding table it shares "
+                                         f"({self._embed_prefix(prefix)}) was not built before it")
+                return GemmaMobileEmbeddingMethod(g["weights"]["num_bits"], tied_lm_head=True,
+                                                  head_scales=self.lm_head_scales, source=source)
             g = self._group_for(layer, prefix)
             if g is None:
                 return None
@@ -157,8 +198,12 @@ class GemmaMobileConfig(QuantizationConfig):
             if w.get("strategy") == "group" and not ple:
                 raise ValueError(f"gemma_mobile: {prefix}: group-wise weight scales are supported only for "
                                  "embed_tokens_per_layer")
-            return GemmaMobileEmbeddingMethod(w["num_bits"], gather_only=ple,
-                                              group_size=w.get("group_size") if w.get("strategy") == "group" else None)
+            method = GemmaMobileEmbeddingMethod(
+                w["num_bits"], gather_only=ple, group_size=w.get("group_size") if w.get("strategy") == "group" else None,
+                head_scales=None if ple else self.lm_head_scales)
+            if not ple:
+                self._tables[prefix] = layer
+            return method
         if isinstance(layer, LinearBase):
             g = self._group_for(layer, prefix)
             if g is None:

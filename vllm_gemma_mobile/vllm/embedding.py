@@ -3,8 +3,10 @@
 Numerics (docs/checkpoint-format.md):
     embedding:  E[t, :] = q[t, :] * weight_scale[t]   (float32 product, cast once to the activation dtype)
                 Gemma's sqrt(hidden_size) normalizer is applied by vLLM's Gemma3Model.embed_input_ids, not here.
-    lm_head:    logits = h @ (q * weight_scale)^T      weight-only, h in the activation dtype, float logits
-                (no activation quantization).
+    lm_head:    logits = h @ (q * weight_scale)^T      weight-only, h in the activation dtype, float logits, or
+                with `gemma_mobile.lm_head` scales (Google's layout has them) the wNa8o8 numerics of linear.py:
+                logits = SRQ(SRQ(h, s_x) @ (q * weight_scale)^T, s_y) (int8 x int-b GEMM, exact int32, f32
+                epilogue; a null scale = identity on that side).
 CPU backend: the codes live in cpu_gemm_wna16's blocked uint4b8 layout (2-bit codes in 4-bit containers,
 4 bits/weight; 8-bit tables are rejected on this backend); `cpu_ops.gather_rows` reads embedding rows from it.
 The lm_head multiplies by bf16 copies of the scales (see cpu_ops docstring); the embedding uses the f32 ones.
@@ -30,14 +32,14 @@ from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScalePa
 from vllm_gemma_mobile.vllm import cpu_ops
 from vllm_gemma_mobile.vllm.linear import backend
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.gemma_mobile.embedding")  # under vllm's handlers, so it shows in engine logs
 
 
 class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
     """Weight-only 2/4/8-bit per-row table for `VocabParallelEmbedding` and (tied) `ParallelLMHead`."""
 
     def __init__(self, bits: int, tied_lm_head: bool = False, group_size: int | None = None,
-                 gather_only: bool = False):
+                 gather_only: bool = False, head_scales: Any = None, source: torch.nn.Module | None = None):
         if bits not in (2, 4, 8):
             raise ValueError(f"gemma_mobile embedding: unsupported weight bits {bits}")
         if group_size is not None and not gather_only:
@@ -50,12 +52,18 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         self.tied_lm_head = tied_lm_head
         self.group_size = group_size
         self.gather_only = gather_only
+        # metadata.LMHeadScales of the lm_head this table serves (None: weight-only lm_head). Given to the table
+        # AND to the tied lm_head: the table prepares the int8 GEMM operand at load, the lm_head runs it.
+        self.head_scales = head_scales
+        self.source = source  # Google layout: the embedding module whose table this (untied) lm_head shares
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
         layer.gm_k = input_size_per_partition
         if self.tied_lm_head:
+            if self.source is not None:
+                self.tie_weights(layer, self.source)
             return  # tie_weights() points this lm_head at the embedding's table; nothing to allocate
         weight_loader = extra_weight_attrs["weight_loader"]
         v, k = sum(output_partition_sizes), input_size_per_partition
@@ -109,18 +117,38 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
             layer.gm_scale_f32 = ws.contiguous()
             layer.gm_scale_row = ws.to(layer.params_dtype).view(1, -1).contiguous()
             layer.gm_isa = cpu_ops.wna16_isa(layer.gm_scale_row.dtype)
+            if self.head_scales is not None:
+                layer.gm_head_gemm = self._cpu_head_gemm(codes, ws)
         else:
             from kernels.layout import from_compressed_tensors
 
             layer.gm_packed = from_compressed_tensors(layer.weight_packed.data, self.bits, (ws.numel(), k))
             if layer.gm_backend == "torch" and layer.weight_packed.device.type == "cpu":
-                # the weight-only lm_head GEMM of kernels.reference multiplies by the codes in x's dtype: keep
-                # them once as exact bf16 integers (2 bytes/weight) instead of unpacking the table per token
-                layer.gm_packed.with_codes(layer.params_dtype)
+                # kernels.reference multiplies by cached codes: int8 for the int8-activation lm_head
+                # (torch._int_mm), else exact bf16 integers for the weight-only one (both 1-2 bytes/weight,
+                # instead of unpacking the table on every token)
+                layer.gm_packed.with_codes(torch.int8 if self.head_scales is not None else layer.params_dtype)
             layer.gm_scale_f32 = ws.contiguous()
+        if self.head_scales is not None:
+            hs = self.head_scales
+            dev = ws.device
+            layer.gm_head_sx = torch.tensor(hs.input_scale, dtype=torch.float32, device=dev) \
+                if hs.input_scale is not None else None
+            layer.gm_head_sy = torch.tensor(hs.output_scale, dtype=torch.float32, device=dev) \
+                if hs.output_scale is not None else None
         del codes
         for name in ("weight_packed", "weight_scale", "weight_shape"):
             delattr(layer, name)
+
+    def _cpu_head_gemm(self, codes: torch.Tensor, ws: torch.Tensor):
+        """oneDNN int8 GEMM for the lm_head with a static input scale (1/s_y folded into the per-row scales,
+        as in linear.py); its int8 codes are a second copy of the table (1 byte/weight) next to the gather table."""
+        hs = self.head_scales
+        if hs.input_scale is None:
+            raise ValueError("gemma_mobile: an lm_head with an output scale but no input scale has no int8 GEMM on "
+                             "the cpu backend; set GEMMA_MOBILE_BACKEND=torch")
+        eff = ws if hs.output_scale is None else ws * (1.0 / torch.tensor(hs.output_scale, dtype=torch.float32))
+        return cpu_ops.OneDNNInt8GEMM(codes, eff, hs.input_scale)
 
     def _process_gather_only(self, layer: torch.nn.Module) -> None:
         """Keep the packed int32 rows as loaded; check scales and the stored shape."""
@@ -178,12 +206,22 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         src = self._src(layer)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if src.gm_backend == "cpu":
+        head = self.head_scales is not None
+        if head and getattr(src, "gm_head_sx", None) is None and getattr(src, "gm_head_sy", None) is None:
+            raise RuntimeError(f"gemma_mobile: {getattr(layer, 'prefix', 'lm_head')}: the table was prepared without "
+                               "the lm_head's activation scales")
+        if src.gm_backend == "cpu" and head:
+            gemm = src.gm_head_gemm
+            y = gemm(gemm.quantize_input(x2))
+            out = y.to(x.dtype) if src.gm_head_sy is None else \
+                cpu_ops.requant_scaled_int8(y, src.gm_head_sy, x.dtype)
+        elif src.gm_backend == "cpu":
             out = cpu_ops.wna16_matmul(x2.contiguous(), src.gm_table, src.gm_scale_row, src.gm_isa)
         else:
             from kernels import ops as kops
 
-            out = kops.linear(x2, src.gm_packed, src.gm_scale_f32, None, None, bias=None,
+            sx, sy = (src.gm_head_sx, src.gm_head_sy) if head else (None, None)
+            out = kops.linear(x2, src.gm_packed, src.gm_scale_f32, sx, sy, bias=None,
                               backend=src.gm_backend).to(x.dtype)
         if bias is not None:
             out = out + bias

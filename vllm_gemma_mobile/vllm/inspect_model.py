@@ -71,6 +71,9 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
             "embedding_backend": emb.gm_backend,
             "lm_head_tied_to_embedding": bool(src) and src[0] is emb,
             "lm_head_own_params": [n for n, _ in head.named_parameters(recurse=False)] if head is not None else None,
+            # static int8 SRQ of the lm_head (int8-activation GEMM), None = weight-only lm_head
+            "lm_head_act_scales": (head.quant_method.head_scales.model_dump()
+                                   if head is not None and getattr(head.quant_method, "head_scales", None) else None),
             # cpu backend: cpu_gemm_wna16's 4-bit containers; torch/triton: the kgroup8 packed table (+ a codes
             # cache on the CPU torch path, reported separately)
             "table_bytes": int(emb.gm_table.numel() * emb.gm_table.element_size()) if hasattr(emb, "gm_table")

@@ -37,7 +37,7 @@ from vllm.model_executor.parameter import (
 
 from vllm_gemma_mobile.vllm import cpu_ops
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.gemma_mobile.linear")  # under vllm's handlers, so it shows in engine logs
 
 BACKENDS = ("cpu", "triton", "torch")
 

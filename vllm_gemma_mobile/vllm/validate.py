@@ -37,11 +37,12 @@ def validate_quant_config(cfg: dict[str, Any]) -> None:
     if cfg.get("quant_method") != "compressed-tensors":
         raise CheckpointError(f"quantization_config.quant_method = {cfg.get('quant_method')!r}: expected "
                               "'compressed-tensors'")
-    gm = cfg.get("gemma_mobile")
-    if not isinstance(gm, dict):
-        raise CheckpointError("quantization_config.gemma_mobile: missing marker (not a gemma-mobile checkpoint)")
-    if gm.get("version") != 1:
-        raise CheckpointError(f"quantization_config.gemma_mobile.version = {gm.get('version')!r}: expected 1")
+    from vllm_gemma_mobile.metadata import MetadataError, parse_metadata
+
+    try:
+        parse_metadata(cfg.get("gemma_mobile"))
+    except MetadataError as e:
+        raise CheckpointError(str(e)) from None
     if cfg.get("kv_cache_scheme"):
         raise CheckpointError("quantization_config.kv_cache_scheme must be null in a gemma-mobile checkpoint "
                               "(per-layer KV bits live in quantization_config.gemma_mobile.kv_cache)")
@@ -91,11 +92,6 @@ def validate_quant_config(cfg: dict[str, Any]) -> None:
                                       f"symmetric={a.get('symmetric')}")
             if a.get("strategy") != "tensor":
                 raise CheckpointError(f"{where}.{key}.strategy = {a.get('strategy')!r}: expected 'tensor'")
-    kv = gm.get("kv_cache") or {}
-    for i, b in enumerate(kv.get("layer_bits") or []):
-        if b not in (None, 4, 8):
-            raise CheckpointError(f"quantization_config.gemma_mobile.kv_cache.layer_bits[{i}] = {b}: "
-                                  "expected 4, 8 or null")
 
 
 def _is_ple_target(target: str) -> bool:
