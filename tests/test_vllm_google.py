@@ -131,7 +131,7 @@ if __name__ == "__main__":
 """
 
 
-def _serve(path: Path, tmp: Path, kv: str | None = None) -> dict:
+def _serve(path: Path, tmp: Path, kv: str | None = None, log: list | None = None) -> dict:
     """Run one engine in a subprocess (its own process tree; nothing outlives the call)."""
     script = tmp / "serve_once.py"
     script.write_text(_SERVE)
@@ -142,6 +142,8 @@ def _serve(path: Path, tmp: Path, kv: str | None = None) -> dict:
     p = subprocess.run([sys.executable, str(script), str(path), str(out), json.dumps(PROMPTS), str(N_TOKENS)],
                        env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    if log is not None:
+        log.append(p.stdout + p.stderr)
     return json.loads(out.read_text())
 
 
@@ -218,6 +220,34 @@ def test_google_layout_matches_transformers_gemma_quant(google, tmp_path):
     print({"mean_diff": round(diff, 4), "mean_spread": round(spread, 4), "no_lm_head_clamp": round(control, 4)})
     assert diff <= MEAN_SPREAD_FACTOR * spread, (diff, spread)
     assert control > MEAN_SPREAD_FACTOR * spread, "the test could not tell a runtime without the lm_head clamps"
+
+
+def test_upstream_ct_conversion_served_with_bf16_kv_and_a_warning(ct_twin, tmp_path):
+    """Google's `-ct` conversions (compressed-tensors' GemmaConverter): standard compressed-tensors wNa8o8, NO
+    gemma_mobile key, bf16 weight scales, no KV scales, tied lm_head without scales. Built here from our checkpoint
+    by exactly those edits, it is claimed without a flag, warns that the KV cache cannot be quantized, and serves
+    the same tokens and log-probs as our own checkpoint with the same content (bf16 KV cache, weight-only lm_head):
+    the recipe's scales are bf16 values, so the bf16 cast is exact and equality is the right bound."""
+    ours = tmp_path / "ours"
+    shutil.copytree(ct_twin, ours)
+    c = json.loads((ours / "config.json").read_text())
+    c["quantization_config"]["gemma_mobile"].pop("lm_head")
+    (ours / "config.json").write_text(json.dumps(c))
+    upstream = tmp_path / "upstream-ct"
+    shutil.copytree(ours, upstream)
+    c["quantization_config"].pop("gemma_mobile")
+    (upstream / "config.json").write_text(json.dumps(c))
+    t = checkpoint_tensors(upstream)
+    assert all(v.float().to(torch.bfloat16).float().equal(v.float()) for k, v in t.items() if k.endswith("weight_scale"))
+    t = {k: (v.to(torch.bfloat16) if k.endswith("weight_scale") else v) for k, v in t.items()
+         if not k.endswith(("self_attn.k_scale", "self_attn.v_scale"))}
+    _save(upstream, t)
+    logs: list[str] = []
+    got = _serve(upstream, tmp_path, log=logs)
+    assert "has no KV-cache scales, so the KV cache cannot be quantized" in logs[0]
+    assert got["info"]["quantization"] == "gemma_mobile"
+    assert all(kv["bits"] is None for kv in got["info"]["describe"]["kv"])
+    assert got["outputs"] == _serve(ours, tmp_path, kv="bf16")["outputs"]
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

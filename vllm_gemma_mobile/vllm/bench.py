@@ -9,6 +9,11 @@ Per stream count S (S distinct prompts submitted together, greedy, ignore_eos):
   total_s       wall time of the batch generating `tokens` tokens, best of `reps`
   decode_tok_s  S * (tokens - 1) / (total_s - ttft_s)       (steady-state decode rate)
   tok_s         S * tokens / total_s                        (end-to-end output rate)
+
+Per model also: `memory_after_load` / `memory_at_end`, VmRSS/VmHWM (bytes, /proc/<pid>/status) of the child and
+every descendant (vLLM's EngineCore process holds the weights; `weights_holder` names the largest VmRSS), and
+`load_log`, vLLM's own "Loading weights took" / "Model loading took" lines. GEMMA_MOBILE_BENCH_LOG_DIR=DIR
+also keeps each child's full stdout/stderr there (<model dir name>.log).
 """
 
 from __future__ import annotations
@@ -67,6 +72,34 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def proc_tree_memory(root: int | None = None) -> dict[str, Any]:
+    """VmRSS/VmHWM (bytes) of process `root` (default: this one) and all its descendants, from /proc."""
+    root = os.getpid() if root is None else root
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += [c for c, pp in parent.items() if pp == pid]
+    procs = []
+    for pid in tree:
+        try:
+            st = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        kb = lambda k: int(st[k].split()[0]) * 1024 if k in st else None  # noqa: E731
+        procs.append({"pid": pid, "name": st.get("Name", "").strip(), "VmRSS": kb("VmRSS"), "VmHWM": kb("VmHWM"),
+                      "RssAnon": kb("RssAnon"), "RssFile": kb("RssFile")})
+    holder = max(procs, key=lambda q: q["VmRSS"] or 0) if procs else None
+    return {"procs": procs, "weights_holder": holder}
+
+
 def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[str], out: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.engine.arg_utils import EngineArgs
@@ -79,7 +112,8 @@ def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[s
     llm = LLM(**{k: getattr(eargs, k) for k in vars(eargs)})
     startup = time.perf_counter() - t0
     quant = llm.llm_engine.model_config.quantization
-    res: dict[str, Any] = {"model": model, "quantization": quant, "startup_s": round(startup, 1), "streams": {}}
+    res: dict[str, Any] = {"model": model, "quantization": quant, "startup_s": round(startup, 1),
+                           "memory_after_load": proc_tree_memory(), "streams": {}}
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(PROMPTS[:2], warm, use_tqdm=False)
     for s in streams:
@@ -103,6 +137,7 @@ def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[s
             "tok_s": round(s * tokens / tot, 2),
             "text0": outs[0].outputs[0].text[:80],
         }
+    res["memory_at_end"] = proc_tree_memory()
     Path(out).write_text(json.dumps(res))
 
 
@@ -113,9 +148,15 @@ def run_one(model: str, streams: list[int], tokens: int, reps: int, extra: list[
         cmd = [sys.executable, "-m", "vllm_gemma_mobile.vllm.bench", "--child", model, out, str(tokens), str(reps),
                ",".join(map(str, streams)), "--", *extra]
         p = subprocess.run(cmd, env=cpu_env(env), timeout=timeout, capture_output=True, text=True)
+        if os.environ.get("GEMMA_MOBILE_BENCH_LOG_DIR"):
+            log = Path(os.environ["GEMMA_MOBILE_BENCH_LOG_DIR"]) / f"{Path(model).name}.log"
+            log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
         if p.returncode != 0 or not Path(out).exists():
             raise RuntimeError(f"bench child for {model} failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
-        return json.loads(Path(out).read_text())
+        res = json.loads(Path(out).read_text())
+        res["load_log"] = [ln.strip() for ln in (p.stdout + p.stderr).splitlines()
+                           if "Loading weights took" in ln or "Model loading took" in ln]
+        return res
 
 
 def bench(model: str, baseline: str, streams: list[int] = (1, 16), tokens: int = 64, out: str | None = None,

@@ -47,19 +47,41 @@ MARKER = "gemma_mobile"
 GOOGLE_METHOD = "gemma"  # Google's own layout (google_layout.py)
 
 
+def is_upstream_mobile_ct(qc: dict[str, Any], hf_config: Any) -> bool:
+    """A compressed-tensors checkpoint WITHOUT our key that is still this format: a Gemma 3/4 model with at least
+    one static int8 *output* activation group (the wNa8o8 signature; upstream vLLM serves it only as float fake
+    quant and not at all on CPU) — Google's `*-qat-mobile-ct` conversions. Other compressed-tensors checkpoints
+    (W4A16, W8A8, ...) stay with upstream."""
+    if qc.get("quant_method") != "compressed-tensors" or MARKER in qc or hf_config is None:
+        return False
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    if not str(getattr(text, "model_type", "")).startswith(("gemma3", "gemma4")):
+        return False
+    for g in (qc.get("config_groups") or {}).values():
+        o = g.get("output_activations") if isinstance(g, dict) else None
+        if o and o.get("num_bits") == 8 and not o.get("dynamic", False):
+            return True
+    return False
+
+
 @register_quantization_config(NAME)
 class GemmaMobileConfig(QuantizationConfig):
     """Gemma mobile wNa8o8 (see module docstring)."""
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        # "google": Google's `quant_method: gemma`, translated into our contract once the directory is known
-        # (maybe_update_config, google_layout.py); "ct": ours
-        self.layout = "google" if config.get("quant_method") == GOOGLE_METHOD else "ct"
+        # "ct": ours; "google": Google's `quant_method: gemma`, translated into our contract once the directory is
+        # known (maybe_update_config, google_layout.py); "upstream-ct": compressed-tensors wNa8o8 without our key
+        # (Google's -ct conversions, `is_upstream_mobile_ct`)
+        self.layout = "google" if config.get("quant_method") == GOOGLE_METHOD else \
+            "ct" if MARKER in config else "upstream-ct"
         self.source_config = config
+        if self.layout == "upstream-ct":
+            # no gemma_mobile key: nothing beyond compressed-tensors' own fields (no KV bits, no lm_head SRQ)
+            config = {**config, MARKER: {"version": 1, "scheme": "compressed-tensors"}}
         self._tables: dict[str, torch.nn.Module] = {}  # embed_tokens prefix -> module (lm_head shares its table)
         self._warned_kv = False
-        self._set_contract(config if self.layout == "ct" else None)
+        self._set_contract(None if self.layout == "google" else config)
 
     def _set_contract(self, config: dict[str, Any] | None) -> None:
         """Parse our compressed-tensors `quantization_config` (None: not known yet, Google layout)."""
@@ -99,7 +121,8 @@ class GemmaMobileConfig(QuantizationConfig):
         if not isinstance(hf_quant_cfg, dict):
             return None
         method = hf_quant_cfg.get("quant_method")
-        if not ((method == "compressed-tensors" and MARKER in hf_quant_cfg) or method == GOOGLE_METHOD):
+        if not ((method == "compressed-tensors" and MARKER in hf_quant_cfg) or method == GOOGLE_METHOD
+                or is_upstream_mobile_ct(hf_quant_cfg, hf_config)):
             return None
         if user_quant not in (None, NAME):
             return None  # the user asked for something else explicitly (e.g. upstream compressed-tensors)
@@ -117,6 +140,11 @@ class GemmaMobileConfig(QuantizationConfig):
                         f", lm_head SRQ {self.lm_head_scales.model_dump()}" if self.lm_head_scales else "")
             log_kv_mode(self.kv_layer_bits)
             return
+        if self.layout == "upstream-ct":
+            logger.warning("gemma_mobile: %s: compressed-tensors wNa8o8 Gemma checkpoint without the gemma_mobile key "
+                           "(e.g. Google's *-ct conversion): it has no KV-cache scales, so the KV cache cannot be "
+                           "quantized and stays in the model dtype; weights and static activations are served as "
+                           "stored", model_name)
         if d.is_dir() and (d / "config.json").exists():
             summary = validate_checkpoint(d, self.config)
             logger.info("gemma_mobile: checkpoint %s validated: linear bits %s, embedding %s-bit%s", d,
