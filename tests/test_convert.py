@@ -198,7 +198,7 @@ def test_transformers_loads_google_layout_with_reference_logits(family, ct3, ct4
     from vllm_gemma_mobile.evaluate.reference import kv_fake_quant_enabled, load_reference
 
     ct, google = (ct3, google3) if family == "gemma3" else (ct4, google4)
-    ref, _ = load_reference(ct)
+    ref, _ = load_reference(ct, numerics="bf16")  # compressed-tensors fake quant == gemma_quant, op for op
     kv_fake_quant_enabled(ref, False)
     hf, info = AutoModelForCausalLM.from_pretrained(google, dtype=torch.bfloat16, output_loading_info=True)
     hf.eval()
@@ -242,7 +242,7 @@ def test_lm_head_scales_round_trip_and_match_transformers(google4, tmp_path):
     a, b = tensors(g), tensors(again)
     assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
-    ref, _ = load_reference(ct)
+    ref, _ = load_reference(ct, numerics="bf16")  # compressed-tensors fake quant == gemma_quant, op for op
     kv_fake_quant_enabled(ref, False)
     assert ref.gemma_mobile_reference["lm_head_srq"] == {"input_scale": float(sx), "output_scale": float(sy)}
     oracle = AutoModelForCausalLM.from_pretrained(g, dtype=torch.bfloat16).eval()

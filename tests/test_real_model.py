@@ -1,6 +1,6 @@
 """The real Gemma 3 270M through recipes/gemma3_mobile_ptq.yaml (cached, shared with `make demo`): size and
-quality against the bf16 base, measured with the reference numerics (transformers + compressed-tensors fake
-quant + per-layer KV fake quant)."""
+quality against the bf16 base, measured with the reference numerics (`load_reference`: the exact integer
+numerics the plugin serves + per-layer KV fake quant)."""
 
 import json
 
@@ -27,14 +27,15 @@ def test_real_mobile_checkpoint_layout_and_size(real_base, real_mobile):
 
 
 def test_real_mobile_quality_vs_bf16(real_base, real_mobile):
-    """Quality guard at the measured figures (reference numerics incl. the int8/int4 KV fake quant, the first
+    """Quality guard at the measured figures (served numerics incl. the int8/int4 KV fake quant, the first
     1024 held-out tokens): measured 2026-11-29 on this project's AVX2 machine for the cached recipe checkpoint:
-    bf16 ppl 27.93, mobile ppl 3434, greedy agreement 12.0 %, KL 5.06. PTQ of this 270M into the full format is
+    bf16 ppl 27.93, mobile ppl 4088, greedy agreement 13.2 %, KL 5.19 (with compressed-tensors' bf16 fake quant
+    instead: 3434, 12.0 %, 5.06 — the two roundings move this chaotic checkpoint by ~20 %). PTQ of this 270M into the full format is
     heavily degraded (README "Results"); this test catches a pipeline that gets WORSE: ppl more than 1.3x the
     measured value or agreement 3 points lower fails (a 2x regression cannot pass). The margin covers float
     rounding of a rebuild on another CPU; the bf16 side is checked to 2 %."""
     r = evaluate(real_mobile, reference=real_base, max_tokens=1024, seq_len=512)
     ppl = r["perplexity"]
     assert abs(ppl["reference"] / 27.93 - 1) < 0.02, r
-    assert ppl["reference"] < ppl["model"] < 1.3 * 3434, r
-    assert r["greedy_agreement_pct"] > 12.0 - 3, r
+    assert ppl["reference"] < ppl["model"] < 1.3 * 4088, r
+    assert r["greedy_agreement_pct"] > 13.2 - 3, r

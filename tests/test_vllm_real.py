@@ -63,7 +63,7 @@ def test_real_checkpoint_http_greedy_vs_references(server, real_mobile):
     exact, tok = fake_quant_reference(real_mobile)
     # the plugin's KV cache is quantized (int8/int4): both references with the evaluation's KV fake quant
     install_kv_fake_quant(exact, load_kv_specs(real_mobile, mobile_metadata(read_config(real_mobile))))
-    ct, _ = load_reference(real_mobile)  # KV fake quant on by default
+    ct, _ = load_reference(real_mobile, numerics="bf16")  # compressed-tensors fake quant; KV fake quant on
     agree_plugin, agree_refs, agree_plugin_ct, total = 0, 0, 0, 0
     texts = []
     for p in PROMPTS:

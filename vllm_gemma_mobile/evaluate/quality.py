@@ -1,5 +1,6 @@
 """Quality of a model against a reference, both run by `load_reference` (so a mobile checkpoint is evaluated with
-its fake quant: weights, static int8 input/output activations AND the per-layer KV quantization).
+the numerics the vLLM plugin serves — exact int8 x int-b products, f32 epilogue, static int8 input/output SRQ —
+AND the per-layer KV quantization; `load_reference(numerics="bf16")` is compressed-tensors' bf16 fake quant).
 
 Protocol (deterministic): the text (default: the Shakespeare evaluation split, never used for calibration) is
 tokenized without special tokens, cut into non-overlapping windows of `seq_len - 1` tokens, and `<bos>` is

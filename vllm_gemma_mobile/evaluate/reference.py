@@ -46,6 +46,8 @@ from typing import Any, Iterator
 
 import torch
 
+from vllm_gemma_mobile.metadata import KV_BITS
+
 logger = logging.getLogger(__name__)
 
 KV_ATTN_PREFIX = "gemma_mobile_kv_"
@@ -102,6 +104,66 @@ def install_lm_head_srq(model: torch.nn.Module, head) -> None:
     if head.output_scale is not None:
         sy = torch.tensor(head.output_scale, dtype=torch.float32)
         lm.register_forward_hook(lambda m, args, out: fake_quant_kv(out, sy, 8))
+
+
+def install_served_numerics(model: torch.nn.Module, model_dir: str | Path) -> dict[str, int]:
+    """Replace the fake quant of every quantized module by the contract's exact numerics, i.e. what the vLLM plugin
+    serves (`kernels.reference`, the plugin's torch backend, bit for bit on CPU):
+    - wNa8o8 linears: `kernels.reference.linear` on the checkpoint's packed codes with its f32 scales (x / s_x in
+      f32 IEEE division, round-half-even, exact int32 products, f32 epilogue, output SRQ in f32) instead of
+      compressed-tensors' bf16 QDQ around a bf16 `F.linear`;
+    - the tied lm_head (weight-only, or with `gemma_mobile.lm_head` SRQ): the same op over the table's codes;
+    - embedding tables: rows `bf16(q * s)` from the f32 product (compressed-tensors rounds s to bf16 first).
+    Returns counts. KV fake quant is unchanged (already the one implementation in kernels/kvcache.py)."""
+    from kernels import reference as kref
+    from kernels.layout import from_compressed_tensors
+    from vllm_gemma_mobile.metadata import parse_metadata
+
+    model_dir = Path(model_dir)
+    t: dict[str, torch.Tensor] = {}
+    from safetensors import safe_open
+
+    for f in _safetensors_files(model_dir):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t[k] = st.get_tensor(k)
+    head = parse_metadata(mobile_metadata(read_config(model_dir))).lm_head
+    counts = {"served_linears": 0, "served_embeddings": 0}
+
+    def packed(name: str, bits: int):
+        shape = t[f"{name}.weight_shape"]
+        pw = from_compressed_tensors(t[f"{name}.weight_packed"], bits, shape).with_codes(torch.int8)
+        return pw, t[f"{name}.weight_scale"].float().reshape(-1).contiguous()
+
+    def scale(key: str):
+        return t[key].float().reshape(()) if key in t else None
+
+    emb = model.get_input_embeddings()
+    for name, m in model.named_modules():
+        scheme = getattr(m, "quantization_scheme", None)
+        if scheme is None or f"{name}.weight_packed" not in t:
+            continue
+        bits = scheme.weights.num_bits
+        pw, ws = packed(name, bits)
+        if isinstance(m, torch.nn.Embedding):
+            g = ws.numel() // pw.n
+            rows = (pw.codes.float().view(pw.n, g, -1) * ws.view(pw.n, g, 1)).view(pw.n, pw.k)
+            m.weight.data = rows.to(m.weight.dtype)
+            counts["served_embeddings"] += 1
+            if m is emb and model.get_output_embeddings() is not None \
+                    and model.get_output_embeddings().weight is m.weight:
+                sx = None if head is None or head.input_scale is None else torch.tensor(head.input_scale)
+                sy = None if head is None or head.output_scale is None else torch.tensor(head.output_scale)
+                if sx is None:
+                    pw = from_compressed_tensors(t[f"{name}.weight_packed"], bits, t[f"{name}.weight_shape"])
+                lm = model.get_output_embeddings()
+                lm.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy: kref.linear(x, pw, ws, sx, sy)
+            continue
+        sx, sy = scale(f"{name}.input_scale"), scale(f"{name}.output_scale")
+        bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
+        m.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy, b=bias: kref.linear(x, pw, ws, sx, sy, b)
+        counts["served_linears"] += 1
+    return counts
 
 
 def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
@@ -174,8 +236,8 @@ def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:
             continue  # reads its source layer's (already quantized) KV; gets the source's spec below
         if bits is None:
             raise ValueError(f"layer {i} owns a KV cache but kv_cache.layer_bits[{i}] is null")
-        if bits not in (2, 4, 8):
-            raise ValueError(f"kv_cache.layer_bits[{i}] = {bits}: expected 2, 4 or 8")
+        if bits not in KV_BITS:  # the format's one rule (metadata.KVCacheMeta)
+            raise ValueError(f"kv_cache.layer_bits[{i}] = {bits}: expected one of {KV_BITS}")
         scales = {}
         for kind in ("k", "v"):
             name = f"{prefix}layers.{i}.self_attn.{kind}_scale"
@@ -316,8 +378,12 @@ def _check_activation_quant(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def load_reference(model_dir: str | Path, device: str | torch.device = "cpu"):
+def load_reference(model_dir: str | Path, device: str | torch.device = "cpu", numerics: str = "served"):
     """Load `model_dir` (bf16 or mobile checkpoint) as the fake-quant reference; returns `(model, tokenizer)`.
+
+    `numerics`: "served" (default) = the contract's exact integer numerics that the vLLM plugin runs
+    (`install_served_numerics`), so evaluated == served; "bf16" = compressed-tensors' own fake quant in bf16,
+    which equals transformers' `gemma_quant` reader of Google's layout bit for bit (tests/test_convert.py).
 
     `model.gemma_mobile_reference` holds a summary (kind, quantized module counts, KV bits per layer).
     The tokenizer is None if the directory has none.
@@ -364,10 +430,16 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu"):
     if meta is not None:
         from vllm_gemma_mobile.metadata import parse_metadata
 
+        if numerics not in ("served", "bf16"):
+            raise ValueError(f"numerics={numerics!r}: expected 'served' or 'bf16'")
         head = parse_metadata(meta).lm_head
         if head is not None:
-            install_lm_head_srq(model, head)
             summary["lm_head_srq"] = head.model_dump()
+        if numerics == "served":
+            summary.update(install_served_numerics(model, model_dir))
+        elif head is not None:
+            install_lm_head_srq(model, head)
+        summary["numerics"] = numerics
         specs = load_kv_specs(model_dir, meta)
         install_kv_fake_quant(model, specs)
         n = model.config.get_text_config().num_hidden_layers

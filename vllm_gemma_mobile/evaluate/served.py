@@ -32,14 +32,16 @@ def windows_for(model_dir: str | Path, text: str | Path | None, max_tokens: int,
     return make_windows(ids, int(tok.bos_token_id), max_tokens, seq_len)
 
 
-def reference_perplexity(model_dir: str | Path, windows: list[list[int]], kv_fake_quant: bool = True) -> dict:
-    """The same statistic from the evaluation reference (`load_reference`: transformers + compressed-tensors
-    fake quant, with or without its KV fake quant) on the same windows."""
+def reference_perplexity(model_dir: str | Path, windows: list[list[int]], kv_fake_quant: bool = True,
+                         numerics: str = "served") -> dict:
+    """The same statistic from the evaluation reference (`load_reference` with `numerics`: "served" = the exact
+    integer numerics the plugin runs, "bf16" = compressed-tensors' fake quant; with or without its KV fake
+    quant) on the same windows."""
     import torch
 
     from vllm_gemma_mobile.evaluate.reference import kv_fake_quant_enabled, load_reference
 
-    model, _ = load_reference(model_dir)
+    model, _ = load_reference(model_dir, numerics=numerics)
     kv_fake_quant_enabled(model, kv_fake_quant)
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -48,7 +50,8 @@ def reference_perplexity(model_dir: str | Path, windows: list[list[int]], kv_fak
             lp = torch.log_softmax(model(x, use_cache=False).logits[0, :-1].float(), dim=-1)
             nll -= float(lp.gather(1, x[0, 1:, None]).sum())
             n += len(w) - 1
-    return {"perplexity": math.exp(nll / n), "nll": nll / n, "tokens": n, "kv_fake_quant": kv_fake_quant}
+    return {"perplexity": math.exp(nll / n), "nll": nll / n, "tokens": n, "kv_fake_quant": kv_fake_quant,
+            "numerics": numerics}
 
 
 def _child(model: str, windows_file: str, out: str, max_model_len: int) -> None:
