@@ -78,6 +78,77 @@ def _load_tensors(src: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "BOOL": torch.bool}
+
+
+class LazyTensors:
+    """The tensors of a checkpoint directory, read one at a time on access (`t[key]`), with dtype and shape
+    from the safetensors headers alone (`meta`): translating a real-size checkpoint never holds it all."""
+
+    def __init__(self, src: Path):
+        from safetensors import safe_open
+
+        files = sorted(Path(src).glob("*.safetensors"))
+        if not files:
+            raise ConvertError(f"{src}: no *.safetensors")
+        self._handles = [safe_open(str(f), "pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def keys(self):
+        return self._where.keys()
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key].get_tensor(key)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self._where else default
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        sl = self._where[key].get_slice(key)
+        return _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape())
+
+    def rows(self, key: str, start: int, end: int) -> torch.Tensor:
+        return self._where[key].get_slice(key)[start:end]
+
+
+class Deferred:
+    """A translated tensor computed when the loader asks for it (`value()`), so that the whole translation of a
+    real-size checkpoint is never in memory at once."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn()
+
+
+def materialize(tensors: dict) -> dict[str, torch.Tensor]:
+    return {k: (v() if isinstance(v, Deferred) else v) for k, v in tensors.items()}
+
+
+ROW_CHUNK = 16384  # rows repacked at a time: transient memory ~ ROW_CHUNK * K bytes
+
+
+def _repack_google_to_ct(t: LazyTensors, key: str, bits: int, n: int, k: int) -> torch.Tensor:
+    """Google uint8/int8 packed rows -> compressed-tensors int32 packed rows, ROW_CHUNK rows at a time."""
+    try:
+        parts = [bitpack.ct_pack(bitpack.google_unpack(t.rows(key, a, min(n, a + ROW_CHUNK)), bits, k), bits)
+                 for a in range(0, n, ROW_CHUNK)]
+    except ValueError as e:
+        raise ConvertError(f"{key}: {e}") from None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _skeleton(src: Path):
     """The model `AutoModelForCausalLM` builds for SRC, on the meta device (no memory, no weights): returns
     (transformers config, model, {name: nn.Linear | nn.Embedding}, lm_head name, input embedding name,
@@ -401,7 +472,10 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # ------------------------------------------------------------------------------------------- Google -> ct
 
-def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def google_to_ct(src: Path, lazy: bool = False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Google layout at SRC -> (our config, our tensors). Every check runs (headers, scales, the lm_head's identity
+    with the table); with `lazy=True` the large tensors come back as `Deferred` (repacked on demand, row chunk by
+    row chunk), which is how the vLLM plugin loads a Google directory without holding it twice."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     from compressed_tensors.utils.match import is_match
@@ -418,9 +492,9 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = _expected_kv(hf_config)
     kv_bits = meta["kv_cache"]["layer_bits"]
     sharing = {int(k): v for k, v in meta["kv_cache"]["kv_sharing"].items()}
-    t = _load_tensors(src)
+    t = LazyTensors(src)
     used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | Deferred] = {}
     kinds: dict[str, tuple] = {}  # module -> group key
 
     def get(key: str) -> torch.Tensor:
@@ -429,6 +503,12 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         used.add(key)
         return t[key]
 
+    def header(key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if key not in t:
+            raise ConvertError(f"{key}: missing (transformers would leave it at its init value)")
+        used.add(key)
+        return t.meta(key)
+
     head_q = head_name in qbits
     for name, bits in qbits.items():
         m = mods[name]
@@ -436,14 +516,13 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         lin = isinstance(m, torch.nn.Linear)
         wkey, skey = (f"{name}.weight", f"{name}.weight_scale") if lin else \
             (f"{name}.embedding_quantized", f"{name}.embedding_scale")
-        packed = get(wkey)
-        if tuple(packed.shape) != (n, bitpack.google_packed_width(k, bits)) or packed.dtype != bitpack.google_dtype(bits):
-            raise ConvertError(f"{wkey}: {packed.dtype} {list(packed.shape)}, expected {bitpack.google_dtype(bits)} "
+        pdtype, pshape = header(wkey)
+        if pshape != (n, bitpack.google_packed_width(k, bits)) or pdtype != bitpack.google_dtype(bits):
+            raise ConvertError(f"{wkey}: {pdtype} {list(pshape)}, expected {bitpack.google_dtype(bits)} "
                                f"{[n, bitpack.google_packed_width(k, bits)]} for {bits}-bit {[n, k]}")
         scale = _scale_table(skey, get(skey), n, k)
         if name == head_name:
             continue  # checked against embed_tokens below
-        codes = bitpack.google_unpack(packed, bits, k)
         if lin:
             if scale.shape[1] != 1:
                 raise ConvertError(f"{skey}: shape {list(scale.shape)}, expected [{n}, 1]")
@@ -463,7 +542,8 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 raise ConvertError(f"{skey}: {g} scales per row; our layout has one scale per row for {name} "
                                    "(blocks only for the per-layer embedding table)")
             kinds[name] = ("ple" if is_ple else "embed", bits, None if g == 1 else k // g)
-        out[f"{name}.weight_packed"] = bitpack.ct_pack(codes, bits)
+        out[f"{name}.weight_packed"] = Deferred(lambda wkey=wkey, bits=bits, n=n, k=k:
+                                                _repack_google_to_ct(t, wkey, bits, n, k))
         out[f"{name}.weight_scale"] = scale
         out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
 
@@ -490,10 +570,11 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ConvertError(f"{head_name}.weight is not identical to {emb_name}: our layout has a tied lm_head")
 
     # KV cache scales
-    for key, val in t.items():
+    for key in list(t.keys()):
         mk = _KV.match(key)
         if not (mk and "_cache_scale" in key):
             continue
+        val = t[key]
         used.add(key)
         i, kind, prefix = int(mk.group("layer")), mk.group("kind"), mk.group("prefix")
         s = _scalar_scale(key, val)
@@ -511,7 +592,7 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 raise ConvertError(f"layers.{i}.self_attn.{kind}_cache_scale: missing (layer {i} owns a KV cache; "
                                    "our layout needs its static scale)")
 
-    for key, val in t.items():
+    for key in list(t.keys()):
         if key in used:
             continue
         if key not in dense_params:
@@ -520,7 +601,7 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         owner = key.rsplit(".", 1)[0]
         if owner in qbits and not key.endswith(".bias"):
             raise ConvertError(f"{key}: dense tensor of quantized module {owner}")
-        out[key] = val
+        out[key] = Deferred(lambda key=key: t[key])
 
     # config groups: one per (kind, bits, group size), explicit targets
     base = MobileScheme()
@@ -554,7 +635,7 @@ def google_to_ct(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     new = json.loads(json.dumps(config))
     new["quantization_config"] = ct
     _set_tie(new, True)
-    return new, out
+    return new, (out if lazy else materialize(out))
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -49,7 +49,7 @@ def translated_config(path: str | Path) -> dict[str, Any]:
     """Our compressed-tensors `quantization_config` for the Google directory PATH (validates every tensor)."""
     from vllm_gemma_mobile.convert import google_to_ct
 
-    config, _ = google_to_ct(Path(path))
+    config, _ = google_to_ct(Path(path), lazy=True)  # headers + scales only: no large tensor is read
     return config["quantization_config"]
 
 
@@ -57,12 +57,14 @@ def translated_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of the Google directory PATH in our layout (HF names), as `gemma-mobile convert` writes them."""
     from vllm_gemma_mobile.convert import google_to_ct
 
-    _, tensors = google_to_ct(Path(path))
-    logger.info("gemma_mobile: %s: Google layout translated to the compressed-tensors contract (%d tensors)",
-                path, len(tensors))
-    names = sorted(tensors)
-    for name in names:
-        yield name, tensors.pop(name)
+    from vllm_gemma_mobile.convert import Deferred
+
+    _, tensors = google_to_ct(Path(path), lazy=True)
+    logger.info("gemma_mobile: %s: Google layout translated to the compressed-tensors contract (%d tensors, "
+                "repacked one at a time while loading)", path, len(tensors))
+    for name in sorted(tensors):
+        v = tensors.pop(name)
+        yield name, (v() if isinstance(v, Deferred) else v)
 
 
 def install() -> None:
