@@ -77,6 +77,11 @@ def install() -> None:
 
     def get_all_weights(self, model_config, model):
         if is_google_dir(model_config.model):
+            import time
+
+            # vLLM's own iterator starts this clock (its "Loading weights took" log line reads it)
+            if getattr(self, "counter_before_loading_weights", 0.0) == 0.0:
+                self.counter_before_loading_weights = time.perf_counter()
             yield from translated_weights(model_config.model)
             return
         yield from orig(self, model_config, model)
