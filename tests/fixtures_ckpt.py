@@ -224,6 +224,16 @@ def fake_quant_reference(ckpt: str | Path):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def teacher_forced(model, seqs: list[list[int]]) -> list[list[float]]:
+    """log p(seq[i] | seq[:i]) for i >= 1, per sequence (f32 log-softmax of the model's logits)."""
+    out = []
+    for seq in seqs:
+        lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
+        out.append([float(lp[i - 1, seq[i]]) for i in range(1, len(seq))])
+    return out
+
+
 def greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)

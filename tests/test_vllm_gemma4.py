@@ -34,7 +34,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures_ckpt import compare_greedy  # noqa: E402
+from fixtures_ckpt import compare_greedy, teacher_forced  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection below
@@ -94,16 +94,6 @@ def test_engine_serves_gemma4_recipe_output(llm, mobile_g4):
     assert all(k["k_scale"] is None for k in kv[4:])  # KV-shared: no scales of their own
 
 
-def _teacher_forced(model, seqs: list[list[int]]) -> list[list[float]]:
-    """log p(seq[i] | seq[:i]) for i >= 1, per sequence."""
-    out = []
-    with torch.no_grad():
-        for seq in seqs:
-            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
-            out.append([float(lp[i - 1, seq[i]]) for i in range(1, len(seq))])
-    return out
-
-
 def test_greedy_and_logprobs_match_reference(llm, mobile_g4):
     from vllm import SamplingParams
 
@@ -123,8 +113,8 @@ def test_greedy_and_logprobs_match_reference(llm, mobile_g4):
 
     ref, _ = load_reference(mobile_g4)
     kv_fake_quant_enabled(ref, False)
-    ref_bf16 = _teacher_forced(ref, seqs)
-    ref_f32 = _teacher_forced(ref.float(), seqs)
+    ref_bf16 = teacher_forced(ref, seqs)
+    ref_f32 = teacher_forced(ref.float(), seqs)
     ref.to(torch.bfloat16)
     spread = [abs(a - b) for xs, ys in zip(ref_bf16, ref_f32) for a, b in zip(xs, ys)]
     diff = [abs(a - b) for xs, ys in zip(served, ref_bf16) for a, b in zip(xs, ys)]

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures_ckpt import checkpoint_tensors  # noqa: E402
+from fixtures_ckpt import checkpoint_tensors, teacher_forced  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection below
@@ -184,15 +184,6 @@ def test_google_layout_equals_its_ct_conversion(served_google, ct_twin, tmp_path
     assert twin["outputs"] == served_google["outputs"]
 
 
-def _teacher_forced(model, seqs: list[list[int]]) -> list[list[float]]:
-    out = []
-    with torch.no_grad():
-        for seq in seqs:
-            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
-            out.append([float(lp[i - 1, seq[i]]) for i in range(1, len(seq))])
-    return out
-
-
 def test_google_layout_matches_transformers_gemma_quant(google, tmp_path):
     """Served (KV cache in the model dtype) vs transformers' own reader of the same directory."""
     from transformers import AutoModelForCausalLM
@@ -201,15 +192,15 @@ def test_google_layout_matches_transformers_gemma_quant(google, tmp_path):
     seqs = [r["prompt"] + r["tokens"] for r in runs]
     served = [r["plps"] + r["lps"] for r in runs]
     oracle = AutoModelForCausalLM.from_pretrained(google, dtype=torch.bfloat16).eval()
-    bf16 = _teacher_forced(oracle, seqs)
+    bf16 = teacher_forced(oracle, seqs)
     # transformers refuses .float() on a quantized model: the f32 run is a second load in float32
-    f32 = _teacher_forced(AutoModelForCausalLM.from_pretrained(google, dtype=torch.float32).eval(), seqs)
+    f32 = teacher_forced(AutoModelForCausalLM.from_pretrained(google, dtype=torch.float32).eval(), seqs)
     # negative control: the oracle without the lm_head's static clamps
     lm = oracle.lm_head
     saved = (lm.input_activation_scale.data.clone(), lm.output_activation_scale.data.clone())
     lm.input_activation_scale.data.zero_()
     lm.output_activation_scale.data.zero_()
-    no_clamp = _teacher_forced(oracle, seqs)
+    no_clamp = teacher_forced(oracle, seqs)
     lm.input_activation_scale.data.copy_(saved[0])
     lm.output_activation_scale.data.copy_(saved[1])
 

@@ -314,6 +314,29 @@ def google_module_bits(qc: dict, mods: dict[str, torch.nn.Module], model=None) -
     return bits, dense
 
 
+def google_quant_config(qbits: dict[str, int], mods: dict[str, torch.nn.Module], model) -> dict:
+    """Google's `quantization_config` for the converted modules `qbits` ({module: bits}; every other Linear /
+    Embedding of `mods` goes to `modules_to_not_convert`): anchored regexes, self-checked under transformers' own
+    matching rules (`google_module_bits`)."""
+    dense = sorted(n for n in mods if n not in qbits)
+    module_quant_configs: dict[str, dict] = {}
+    for bits in sorted(set(qbits.values())):
+        for p in _layer_regex([n for n, b in qbits.items() if b == bits]):
+            module_quant_configs[p] = {"num_bits": bits}
+    gqc = {
+        "quant_method": "gemma",
+        "num_bits": GOOGLE_DEFAULT_BITS,
+        "quantize_embeddings": any(isinstance(mods[n], torch.nn.Embedding) for n in qbits),
+        "module_quant_configs": dict(sorted(module_quant_configs.items())),
+        "modules_to_not_convert": ["^" + re.escape(n) + "$" for n in dense],
+    }
+    got, _ = google_module_bits(gqc, mods, model)
+    if got != qbits:
+        diff = {n: (got.get(n), qbits.get(n)) for n in set(got) | set(qbits) if got.get(n) != qbits.get(n)}
+        raise AssertionError(f"generated bit map does not resolve to the source's bits: {diff}")
+    return gqc
+
+
 # ------------------------------------------------------------------------------------------- ct -> Google
 
 def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -448,22 +471,7 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ConvertError("gemma_mobile.lm_head: activation scales for an lm_head whose table is not quantized")
         out[f"{head_name}.weight"] = t[f"{emb_name}.weight"].clone()
 
-    dense = sorted(n for n in mods if n not in qbits)
-    module_quant_configs: dict[str, dict] = {}
-    for bits in sorted(set(qbits.values())):
-        for p in _layer_regex([n for n, b in qbits.items() if b == bits]):
-            module_quant_configs[p] = {"num_bits": bits}
-    gqc = {
-        "quant_method": "gemma",
-        "num_bits": GOOGLE_DEFAULT_BITS,
-        "quantize_embeddings": any(isinstance(mods[n], torch.nn.Embedding) for n in qbits),
-        "module_quant_configs": dict(sorted(module_quant_configs.items())),
-        "modules_to_not_convert": ["^" + re.escape(n) + "$" for n in dense],
-    }
-    got, _ = google_module_bits(gqc, mods, model)  # self-check under transformers' own matching rules
-    if got != qbits:
-        diff = {n: (got.get(n), qbits.get(n)) for n in set(got) | set(qbits) if got.get(n) != qbits.get(n)}
-        raise AssertionError(f"generated bit map does not resolve to the source's bits: {diff}")
+    gqc = google_quant_config(qbits, mods, model)
     new = json.loads(json.dumps(config))
     new["quantization_config"] = gqc
     _set_tie(new, False)

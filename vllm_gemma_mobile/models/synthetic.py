@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import struct
 import time
@@ -309,27 +308,10 @@ def _ct_quant_config(scheme, expanded) -> dict:
 
 
 def _google_quant_config(qbits: dict[str, int], head: str, emb: str, mods: dict, model) -> dict:
-    """`quant_method: gemma` config exactly as `convert.ct_to_google` builds it, self-checked under
-    transformers' matching rules (`convert.google_module_bits`)."""
-    from vllm_gemma_mobile.convert import GOOGLE_DEFAULT_BITS, _layer_regex, google_module_bits
+    """`quant_method: gemma` config exactly as `convert.ct_to_google` builds it (the lm_head: a copy of the table)."""
+    from vllm_gemma_mobile.convert import google_quant_config
 
-    qbits = {**qbits, head: qbits[emb]}
-    dense = sorted(n for n in mods if n not in qbits)
-    module_quant_configs: dict[str, dict] = {}
-    for bits in sorted(set(qbits.values())):
-        for p in _layer_regex([n for n, b in qbits.items() if b == bits]):
-            module_quant_configs[p] = {"num_bits": bits}
-    gqc = {
-        "quant_method": "gemma",
-        "num_bits": GOOGLE_DEFAULT_BITS,
-        "quantize_embeddings": any(isinstance(mods[n], torch.nn.Embedding) for n in qbits),
-        "module_quant_configs": dict(sorted(module_quant_configs.items())),
-        "modules_to_not_convert": ["^" + re.escape(n) + "$" for n in dense],
-    }
-    got, _ = google_module_bits(gqc, mods, model)
-    if got != qbits:
-        raise AssertionError(f"generated module_quant_configs resolve to {got}, expected {qbits}")
-    return gqc
+    return google_quant_config({**qbits, head: qbits[emb]}, mods, model)
 
 
 # ------------------------------------------------------------------------------------------------ writing
