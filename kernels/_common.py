@@ -144,6 +144,10 @@ def _rebind(fn, g: dict):
     """Same code, other globals: lets one source be jitted once per mode with that mode's helpers."""
     f = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
     f.__module__, f.__qualname__, f.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    # FunctionType() drops the annotations; triton <= 3.6 finds `tl.constexpr` parameters through them
+    # (inspect.signature), so without this copy every constexpr became a runtime argument on a real GPU.
+    f.__annotations__ = dict(fn.__annotations__)
+    f.__kwdefaults__ = fn.__kwdefaults__
     return f
 
 

@@ -73,15 +73,18 @@ def copy_bandwidth(bench) -> float:
     return 2 * n / ms / 1e6  # GB/s, read + write
 
 
-def _gemlite(bits: int, w_codes: torch.Tensor, ws: torch.Tensor):
+def _gemlite(bits: int, w_codes: torch.Tensor, ws: torch.Tensor, act: str = "A16"):
+    """gemlite's channel-wise layer on the same codes: act "A16" (bf16 activations, weight-only) or "A8"
+    (`A8W{bits}_HQQ_INT_dynamic`: int8 activations with a dynamic per-row scale, gemlite's closest peer of ours)."""
     try:
         import gemlite.helper as gh
     except Exception as e:  # noqa: BLE001
         return None, f"gemlite unavailable: {e!r}"[:200]
 
-    cls = {4: getattr(gh, "A16W4_HQQ_INT", None), 2: getattr(gh, "A16W2_HQQ_INT", None)}.get(bits)
+    name = f"A16W{bits}_HQQ_INT" if act == "A16" else f"A8W{bits}_HQQ_INT_dynamic"
+    cls = getattr(gh, name, None)
     if cls is None:
-        return None, f"no gemlite channel-wise A16W{bits} helper"
+        return None, f"no gemlite {name}"
     try:
         n = w_codes.shape[0]
         wq = (w_codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
@@ -140,19 +143,21 @@ def run_case(label: str, k: int, n: int, bits: int, m: int, bench, kind: str, gl
             row["gemv_prepack_" + ("off" if prepack_default() else "on") + "_us"] = round(t_f * 1e3, 2)
         except Exception as e:  # noqa: BLE001
             row["gemv_prepack_toggle_err"] = repr(e)[:200]
-    if bits in (2, 4) and gl_cache.get("enabled", True):
-        lin, err = _gemlite(bits, codes, ws)
+    for act, tag in (("A16", "gemlite"), ("A8", "gemlite_a8")):
+        if bits not in (2, 4) or not gl_cache.get("enabled", True) or (act == "A8" and kind == "lm_head"):
+            continue
+        lin, err = _gemlite(bits, codes, ws, act)
         if lin is None:
-            row["gemlite_err"] = err
+            row[f"{tag}_err"] = err
             if err and "unavailable" in err:
                 gl_cache["enabled"] = False
         else:
             try:
                 t_gl, _ = bench(lambda: lin(x))
-                row["gemlite_us"] = round(t_gl * 1e3, 2)
-                row["speedup_vs_gemlite"] = round(t_gl / t_ours, 3)
+                row[f"{tag}_us"] = round(t_gl * 1e3, 2)
+                row[f"speedup_vs_{tag}"] = round(t_gl / t_ours, 3)
             except Exception as e:  # noqa: BLE001
-                row["gemlite_err"] = repr(e)[:200]
+                row[f"{tag}_err"] = repr(e)[:200]
             del lin
     tgt = target_for(kind, m, bits)
     if tgt is not None:

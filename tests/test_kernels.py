@@ -265,6 +265,31 @@ def test_kernels_jitted_per_mode_at_launch(monkeypatch):
     assert isinstance(compiled, triton.runtime.Autotuner) and not isinstance(compiled.fn, InterpretedFunction)
 
 
+def test_compiled_kernels_see_constexpr_parameters():
+    """Compiled mode (a real GPU): every parameter annotated `tl.constexpr` in the source is a constexpr of the
+    jitted kernel. `_common._rebind` once dropped the annotations; the interpreter and triton 3.9 did not care,
+    but triton 3.6 (the H200 image) then passed BLOCK_M & co. as runtime ints and no kernel compiled."""
+    triton = pytest.importorskip("triton")
+    import inspect
+
+    import importlib
+
+    from kernels import gemm, gemv, kvcache_triton as KT
+
+    E = importlib.import_module("kernels.embedding")  # `kernels.embedding` the name is the op
+
+    built = [(gemm._build_quant(False), gemm.quant_kernel), (gemm._build(False, True), gemm.gemm_kernel),
+             (gemm._build(False, False), gemm.gemm_kernel), (gemv._build(False), gemv.gemv_kernel),
+             (gemv._build_pack(False), gemv.pack_x_kernel), (E._build(False), E.embedding_kernel),
+             (KT._build_write(False), KT._kv_write_kernel), (KT._build_attn(False), KT._paged_attn_kernel),
+             (KT._build_combine(False), KT._combine_kernel)]
+    for k, source in built:
+        fn = k.fn if isinstance(k, triton.runtime.Autotuner) else k
+        want = {n for n, p in inspect.signature(source).parameters.items() if "constexpr" in str(p.annotation)}
+        got = {p.name for p in fn.params if p.is_constexpr}
+        assert want and got == want, (fn.fn.__name__, want ^ got)
+
+
 # ------------------------------------------------------------------------------------------ Triton vs torch
 # (bits, M, N, K, kernel, config, x dtype, variants). kernel None = ops' auto dispatch (gemv M<=4, gemm above,
 # gemm without split-K build above M=64). Variants: "so" scalar out scale + bias -> bf16, "col" per-column out
@@ -310,7 +335,7 @@ def _to(dev, *ts):
 
 
 def _check_variant(var, x, w, codes, ws, bias, si, so, so_col, kernel, config):
-    dev = x.device
+    dev = DEVICE
     wd = w.to(dev)
     x, ws, bias, si, so, so_col = _to(dev, x, ws, bias, si, so, so_col)
     kw = dict(kernel=kernel, config=GPU_CFG if config is None else config)

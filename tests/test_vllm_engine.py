@@ -80,7 +80,7 @@ def test_engine_uses_plugin_and_one_table(llm):
         assert info["table_codes_cache"] == {"dtype": "torch.bfloat16", "shape": [v, k]}
     assert info["float_2d_params"] == []  # no float weight parameters (norms are 1-D)
     # ... and no float matrix among ALL tensors the modules keep (gm_* attributes included), but that cache
-    assert [n for n in info["float_2d_tensors"] if not n.endswith("embed_tokens.gm_packed.codes")] == []
+    assert [n for n in info["float_2d_tensors"] if not n.endswith("embed_tokens.gm_state.packed.codes")] == []
     assert info["n_quant_linear"] == 6 * 4  # qkv, o, gate_up, down
     assert info["linear_bits"] == [2, 4, 8]
     assert len(info["kv"]) == 6 and all(k["k_scale"] > 0 and k["v_scale"] > 0 for k in info["kv"])

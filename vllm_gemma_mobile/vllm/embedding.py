@@ -29,6 +29,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, PackedvLLMParameter
 
+from kernels import plugin as kplugin
 from vllm_gemma_mobile.vllm import cpu_ops
 from vllm_gemma_mobile.vllm.linear import backend
 
@@ -103,8 +104,8 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
             raise ValueError(f"gemma_mobile: {getattr(layer, 'prefix', 'embedding')}.weight_scale[{bad}] = "
                              f"{float(live[bad])}; scales must be positive and finite")
         layer.gm_backend = backend(layer.weight_packed.device)
-        codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
         if layer.gm_backend == "cpu":
+            codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
             if self.bits > 4:
                 raise ValueError("gemma_mobile: the CPU backend serves 2/4-bit embedding tables (4-bit "
                                  f"cpu_gemm_wna16 containers); this checkpoint has {self.bits}-bit")
@@ -119,24 +120,16 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
             layer.gm_isa = cpu_ops.wna16_isa(layer.gm_scale_row.dtype)
             if self.head_scales is not None:
                 layer.gm_head_gemm = self._cpu_head_gemm(codes, ws)
+                hs = self.head_scales
+                layer.gm_head_sy = torch.tensor(hs.output_scale, dtype=torch.float32) \
+                    if hs.output_scale is not None else None
+            del codes
         else:
-            from kernels.layout import from_compressed_tensors
-
-            layer.gm_packed = from_compressed_tensors(layer.weight_packed.data, self.bits, (ws.numel(), k))
-            if layer.gm_backend == "torch" and layer.weight_packed.device.type == "cpu":
-                # kernels.reference multiplies by cached codes: int8 for the int8-activation lm_head
-                # (torch._int_mm), else exact bf16 integers for the weight-only one (both 1-2 bytes/weight,
-                # instead of unpacking the table on every token)
-                layer.gm_packed.with_codes(torch.int8 if self.head_scales is not None else layer.params_dtype)
-            layer.gm_scale_f32 = ws.contiguous()
-        if self.head_scales is not None:
+            # vLLM-free tensor work (kernels.plugin), run on CUDA tensors by the GPU check
             hs = self.head_scales
-            dev = ws.device
-            layer.gm_head_sx = torch.tensor(hs.input_scale, dtype=torch.float32, device=dev) \
-                if hs.input_scale is not None else None
-            layer.gm_head_sy = torch.tensor(hs.output_scale, dtype=torch.float32, device=dev) \
-                if hs.output_scale is not None else None
-        del codes
+            layer.gm_state = kplugin.prepare_table(
+                layer.weight_packed.data, ws, self.bits, k, layer.gm_backend,
+                head_scales=None if hs is None else (hs.input_scale, hs.output_scale), act_dtype=layer.params_dtype)
         for name in ("weight_packed", "weight_scale", "weight_shape"):
             delattr(layer, name)
 
@@ -166,18 +159,10 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
             raise ValueError(f"gemma_mobile: {prefix}.weight_scale[{r}, {c}] = {float(live[r, c])}; scales must be "
                              "positive and finite")
         layer.gm_backend = "gather"
-        layer.gm_packed_rows = layer.weight_packed.data.contiguous()  # int32 [V, ceil(K*bits/32)], as on disk
-        layer.gm_group_scale = ws.contiguous()                        # f32 [V, groups]
-        layer.gm_group = k // ws.shape[1]
+        # int32 [V, ceil(K*bits/32)] as on disk, f32 [V, groups]; lookups in kernels.plugin.gather_embedding
+        layer.gm_state = kplugin.GatherTable(layer.weight_packed.data.contiguous(), ws.contiguous(), self.bits, k)
         for name in ("weight_packed", "weight_scale", "weight_shape"):
             delattr(layer, name)
-
-    def _gather(self, layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        k, g = layer.gm_k, layer.gm_group
-        rows = layer.gm_packed_rows.index_select(0, ids)
-        q = cpu_ops.unpack_codes(rows, self.bits, k)  # int8 [T, K]: only the gathered rows are unpacked
-        s = layer.gm_group_scale.index_select(0, ids)  # f32 [T, groups]
-        return (q.to(torch.float32).view(ids.numel(), k // g, g) * s.unsqueeze(-1)).view(ids.numel(), k)
 
     @staticmethod
     def _src(layer: torch.nn.Module) -> torch.nn.Module:
@@ -189,14 +174,12 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         ids = input_.reshape(-1)
         dtype = layer.params_dtype
         if self.gather_only:
-            out = self._gather(src, ids).to(dtype)
+            out = kplugin.gather_embedding(src.gm_state, ids).to(dtype)
         elif src.gm_backend == "cpu":
             q = cpu_ops.gather_rows(src.gm_table, ids, src.gm_k)
             out = (q.to(torch.float32) * src.gm_scale_f32[ids].unsqueeze(1)).to(dtype)
         else:
-            from kernels import ops as kops
-
-            out = kops.embedding(ids, src.gm_packed, src.gm_scale_f32, backend=src.gm_backend, out_dtype=dtype)
+            out = kplugin.table_embedding(src.gm_state, ids, dtype)
         return out.reshape(*input_.shape, src.gm_k)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,7 +190,8 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         head = self.head_scales is not None
-        if head and getattr(src, "gm_head_sx", None) is None and getattr(src, "gm_head_sy", None) is None:
+        if head and getattr(src, "gm_head_gemm", None) is None and (
+                getattr(src, "gm_state", None) is None or (src.gm_state.head_sx is None and src.gm_state.head_sy is None)):
             raise RuntimeError(f"gemma_mobile: {getattr(layer, 'prefix', 'lm_head')}: the table was prepared without "
                                "the lm_head's activation scales")
         if src.gm_backend == "cpu" and head:
@@ -218,11 +202,7 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         elif src.gm_backend == "cpu":
             out = cpu_ops.wna16_matmul(x2.contiguous(), src.gm_table, src.gm_scale_row, src.gm_isa)
         else:
-            from kernels import ops as kops
-
-            sx, sy = (src.gm_head_sx, src.gm_head_sy) if head else (None, None)
-            out = kops.linear(x2, src.gm_packed, src.gm_scale_f32, sx, sy, bias=None,
-                              backend=src.gm_backend).to(x.dtype)
+            out = kplugin.table_lm_head(src.gm_state, x2, head)
         if bias is not None:
             out = out + bias
         return out.reshape(*shape[:-1], out.shape[-1])

@@ -28,7 +28,8 @@ def kept_tensors(model: torch.nn.Module, weight_modules_only: bool = False):
             for i, o in enumerate(obj):
                 if not isinstance(o, torch.nn.Module):  # tied-table back references are modules: skip
                     yield from walk(f"{name}[{i}]", o, depth + 1)
-        elif depth < 2 and hasattr(obj, "__dict__") and type(obj).__module__.startswith("vllm_gemma_mobile"):
+        elif depth < 2 and hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in (
+                "vllm_gemma_mobile", "kernels"):  # plugin state objects (kernels.plugin.LinearState, ...)
             for k, v in vars(obj).items():
                 yield from walk(f"{name}.{k}", v, depth + 1)
 
@@ -77,21 +78,23 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
             # cpu backend: cpu_gemm_wna16's 4-bit containers; torch/triton: the kgroup8 packed table (+ a codes
             # cache on the CPU torch path, reported separately)
             "table_bytes": int(emb.gm_table.numel() * emb.gm_table.element_size()) if hasattr(emb, "gm_table")
-            else (emb.gm_packed.nbytes() if hasattr(emb, "gm_packed") else None),
-            "table_codes_cache": (None if getattr(getattr(emb, "gm_packed", None), "codes", None) is None else
-                                  {"dtype": str(emb.gm_packed.codes.dtype), "shape": list(emb.gm_packed.codes.shape)}),
+            else (emb.gm_state.packed.nbytes() if hasattr(emb, "gm_state") else None),
+            "table_codes_cache": (None if getattr(getattr(getattr(emb, "gm_state", None), "packed", None), "codes", None)
+                                  is None else {"dtype": str(emb.gm_state.packed.codes.dtype),
+                                                "shape": list(emb.gm_state.packed.codes.shape)}),
             "vocab_x_hidden": int(emb.num_embeddings_padded * emb.embedding_dim),
         })
     ple = getattr(inner, "embed_tokens_per_layer", None)
     if ple is not None and isinstance(getattr(ple, "quant_method", None), GemmaMobileEmbeddingMethod):
-        rows = getattr(ple, "gm_packed_rows", None)
+        gt = getattr(ple, "gm_state", None)
+        rows = None if gt is None else gt.packed_rows
         out["per_layer_embedding"] = {
             "bits": ple.quant_method.bits,
             "group_size": ple.quant_method.group_size,
             "gather_only": ple.quant_method.gather_only,
             "packed_dtype": None if rows is None else str(rows.dtype),
             "packed_bytes": None if rows is None else int(rows.numel() * rows.element_size()),
-            "scale_shape": list(ple.gm_group_scale.shape) if hasattr(ple, "gm_group_scale") else None,
+            "scale_shape": None if gt is None else list(gt.group_scale.shape),
             "vocab_x_width": int(ple.num_embeddings_padded * ple.embedding_dim),
         }
     return out

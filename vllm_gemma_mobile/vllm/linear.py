@@ -16,7 +16,8 @@ equal-scale shards gets its own quantization and GEMM. Output scales become a pe
 
 Backends (chosen once per layer in `process_weights_after_loading`, see `backend()`):
   cpu    vLLM's oneDNN int8 GEMM (int8 codes prepacked by oneDNN; no float weight copy) — default on CPU.
-  triton / torch   `kernels.ops.linear` on the packed weight (`kernels.layout.PackedWeight`) — default
+  triton / torch   `kernels.plugin` (vLLM-free: load-time layout conversion, apply, TP partial sums + requant)
+         over `kernels.ops.linear` on the packed weight (`kernels.layout.PackedWeight`) — default
          "triton" on CUDA; `GEMMA_MOBILE_BACKEND=triton|torch` forces it (CI: TRITON_INTERPRET=1).
 """
 
@@ -35,6 +36,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from kernels import plugin as kplugin
 from vllm_gemma_mobile.vllm import cpu_ops
 
 logger = init_logger("vllm.gemma_mobile.linear")  # under vllm's handlers, so it shows in engine logs
@@ -68,16 +70,6 @@ def backend(device: torch.device | None = None) -> str:
             _WARNED_FALLBACK = True
         return "torch"
     return "triton"
-
-
-def _runs(values: list[float]) -> list[tuple[int, int]]:
-    """Index ranges [start, end) of consecutive equal values."""
-    out, start = [], 0
-    for i in range(1, len(values) + 1):
-        if i == len(values) or values[i] != values[start]:
-            out.append((start, i))
-            start = i
-    return out
 
 
 @register_weight_loader_v2_supported_method
@@ -137,20 +129,14 @@ class GemmaMobileLinearMethod(LinearMethodBase):
             raise ValueError(f"gemma_mobile: {prefix}.weight_scale has zero/negative/non-finite entries")
         self.backend = backend(layer.weight_packed.device)
         layer.gm_backend = self.backend
-        col_scale = None
-        if s_y is not None:
-            col_scale = torch.cat([s_y[i].expand(n) for i, n in enumerate(shards)]) if len(shards) > 1 \
-                else s_y.reshape(())
-            if len(shards) > 1 and bool((s_y == s_y[0]).all()):
-                col_scale = s_y[0].reshape(())
-        groups = _runs(s_x.tolist())
+        col_scale = kplugin.output_column_scale(s_y, shards)
         offsets = [0]
         for n in shards:
             offsets.append(offsets[-1] + n)
-        layer.gm_groups = [(offsets[a], offsets[b], float(s_x[a])) for a, b in groups]
+        layer.gm_groups = [(offsets[a], offsets[b], float(s_x[a])) for a, b in kplugin.runs(s_x.tolist())]
         layer.gm_output_scale = col_scale
-        if len(groups) > 1:
-            logger.debug("%s: %d input-scale groups over shards %s", prefix, len(groups), shards)
+        if len(layer.gm_groups) > 1:
+            logger.debug("%s: %d input-scale groups over shards %s", prefix, len(layer.gm_groups), shards)
 
         # Row-parallel under TP: the output requantization must see the all-reduced sum, so this method
         # reduces the float32 partial sums itself and the layer must not reduce again.
@@ -167,16 +153,9 @@ class GemmaMobileLinearMethod(LinearMethodBase):
             layer.gm_gemms = [cpu_ops.OneDNNInt8GEMM(codes[a:b], eff[a:b], sx) for a, b, sx in layer.gm_groups]
             del codes
         else:
-            from kernels.layout import from_compressed_tensors
-
-            layer.gm_packed = [
-                from_compressed_tensors(layer.weight_packed.data[a:b].contiguous(), self.bits, (b - a, k))
-                for a, b, _ in layer.gm_groups]
-            if self.backend == "torch" and layer.weight_packed.device.type == "cpu":
-                # torch._int_mm reads int8 codes: unpack once at load (1 byte/weight), not on every call
-                layer.gm_packed = [w.with_codes(torch.int8) for w in layer.gm_packed]
-            layer.gm_wscale = [ws[a:b].contiguous() for a, b, _ in layer.gm_groups]
-            layer.gm_sx = [torch.tensor(sx, dtype=torch.float32, device=ws.device) for _, _, sx in layer.gm_groups]
+            # the tensor work of the triton / torch backends is vLLM-free (kernels.plugin), run by the GPU check
+            layer.gm_state = kplugin.prepare_linear(layer.weight_packed.data, ws, s_x, s_y, shards, k, self.bits,
+                                                    self.backend)
         # the original packed tensor is no longer needed (cpu: oneDNN holds the int8 codes; other backends
         # hold PackedWeight objects built from it)
         for name in ("weight_packed", "weight_scale", "weight_shape", "input_scale", "output_scale"):
@@ -205,28 +184,14 @@ class GemmaMobileLinearMethod(LinearMethodBase):
                 if bias is not None:
                     y += bias.to(torch.float32)
                 out = y.to(x.dtype)
+        elif layer.gm_allreduce:
+            # row-parallel under TP: f32 partial sums (no output requant), all-reduced, then bias and the
+            # static output requant once on the full sum
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            y = tensor_model_parallel_all_reduce(kplugin.linear_partial(layer.gm_state, x2))
+            bias = getattr(layer, "bias", None) if not layer.skip_bias_add else None  # every rank, once
+            out = kplugin.linear_finish(layer.gm_state, y, bias, x.dtype)
         else:
-            from kernels import ops as kops
-
-            osc = layer.gm_output_scale
-            if layer.gm_allreduce:
-                # row-parallel under TP: f32 partial sums (no output requant), all-reduced, then bias and the
-                # static output requant once on the full sum (kernels.reference.epilogue)
-                from kernels.reference import epilogue
-                from vllm.distributed import tensor_model_parallel_all_reduce
-
-                ys = [kops.linear(x2, layer.gm_packed[i], layer.gm_wscale[i], layer.gm_sx[i], None,
-                                  out_dtype=torch.float32, backend=layer.gm_backend)
-                      for i in range(len(layer.gm_groups))]
-                y = tensor_model_parallel_all_reduce(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1))
-                bias = getattr(layer, "bias", None) if not layer.skip_bias_add else None  # every rank, once
-                out = epilogue(y, 1.0, None if bias is None else bias.to(torch.float32), osc, x.dtype)
-                return out.reshape(*shape[:-1], out.shape[-1])
-            outs = []
-            for i, (a, b, _) in enumerate(layer.gm_groups):
-                oscale = None if osc is None else (osc if osc.ndim == 0 else osc[a:b])
-                outs.append(kops.linear(x2, layer.gm_packed[i], layer.gm_wscale[i], layer.gm_sx[i], oscale,
-                                        bias=None if bias is None else bias[a:b], backend=layer.gm_backend))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-            out = out.to(x.dtype)
+            out = kplugin.linear_apply(layer.gm_state, x2, bias)
         return out.reshape(*shape[:-1], out.shape[-1])
