@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +33,18 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     path = quantize(a.base, a.recipe, a.out, num_samples=a.num_samples, seq_len=a.seq_len,
                     overrides=dict(kv.split("=", 1) for kv in a.set), reuse=a.reuse)
     print(path)
+
+
+def _cmd_qat(a: argparse.Namespace) -> None:
+    from vllm_gemma_mobile.qat.train import load_qat_recipe, run_qat
+
+    try:
+        opts = load_qat_recipe(a.recipe, dict(kv.split("=", 1) for kv in a.set))
+    except ValueError as e:
+        sys.exit(f"gemma-mobile qat: {e}")
+    summary = run_qat(a.base, a.init, a.out, opts)
+    print(a.out, f"steps={summary['steps_done']}", f"kl first={summary['losses'][0]:.4f}" if summary["losses"] else "",
+          f"last={summary['losses'][-1]:.4f}" if summary["losses"] else "")
 
 
 def _cmd_convert(a: argparse.Namespace) -> None:
@@ -98,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse", action="store_true",
                    help="keep OUT if it was built from the same base, recipe, options and code")
     s.set_defaults(func=_cmd_quantize)
+
+    s = sub.add_parser("qat", help="quantization-aware training: distil BASE into the PTQ checkpoint INIT, write OUT")
+    s.add_argument("base")
+    s.add_argument("--init", required=True, help="PTQ mobile checkpoint to start from (gemma-mobile quantize)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--recipe", default=str(Path(__file__).resolve().parent.parent / "recipes" / "gemma3_mobile_qat.yaml"))
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a QAT option, e.g. --set time_budget_min=10")
+    s.set_defaults(func=_cmd_qat)
 
     s = sub.add_parser("convert", help="mobile checkpoint <-> Google's quant_method 'gemma' layout")
     s.add_argument("src")
