@@ -35,6 +35,14 @@ def runs(values: list[float]) -> list[tuple[int, int]]:
     return out
 
 
+def input_scale_groups(s_x: torch.Tensor, shards: list[int]) -> list[tuple[int, int, float]]:
+    """Runs of fused shards with equal static input scales -> output columns [start, end) and that scale."""
+    offsets = [0]
+    for n in shards:
+        offsets.append(offsets[-1] + n)
+    return [(offsets[a], offsets[b], float(s_x[a])) for a, b in runs(s_x.reshape(-1).tolist())]
+
+
 def output_column_scale(s_y: Optional[torch.Tensor], shards: list[int]) -> Optional[torch.Tensor]:
     """Per-shard output scales -> a 0-d scale (all equal) or one per output column (f32)."""
     if s_y is None:
@@ -65,11 +73,7 @@ def prepare_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor, inpu
     input / output scale per shard) to the kernels' packed layout. On CPU with the ``torch`` backend the int8
     codes are cached once (``torch._int_mm`` reads codes, not the packed words)."""
     ws = weight_scale.reshape(-1).to(torch.float32)
-    s_x = input_scale.reshape(-1).to(torch.float32)
-    offsets = [0]
-    for n in shards:
-        offsets.append(offsets[-1] + n)
-    groups = [(offsets[a], offsets[b], float(s_x[a])) for a, b in runs(s_x.tolist())]
+    groups = input_scale_groups(input_scale.to(torch.float32), shards)
     packed = [from_compressed_tensors(weight_packed[a:b].contiguous(), bits, (b - a, k)) for a, b, _ in groups]
     if backend == "torch" and weight_packed.device.type == "cpu":
         packed = [w.with_codes(torch.int8) for w in packed]

@@ -344,7 +344,8 @@ def served(model: str | Path, log_path: Path, max_model_len: int, health_timeout
         t0 = time.monotonic()
         while True:
             assert proc.poll() is None, Path(log_path).read_text()[-4000:]
-            assert time.monotonic() - t0 < health_timeout, "server did not become healthy"
+            if time.monotonic() - t0 > health_timeout:  # a hang guard for CI, not a speed check
+                raise TimeoutError(f"server not healthy after {health_timeout} s: {Path(log_path).read_text()[-4000:]}")
             try:
                 with urllib.request.urlopen(base + "/health", timeout=2) as r:
                     if r.status == 200:

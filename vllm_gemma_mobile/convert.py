@@ -64,7 +64,7 @@ def detect_layout(config: dict) -> Layout:
                        "(with gemma_mobile) or 'gemma'")
 
 
-def _load_tensors(src: Path) -> dict[str, torch.Tensor]:
+def load_tensors(src: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     files = sorted(src.glob("*.safetensors"))
@@ -365,7 +365,7 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ConvertError(f"gemma_mobile.kv_cache.kv_sharing = {kv.get('kv_sharing')}: the model's KV-shared "
                            f"layers read {expected['kv_sharing']}")
 
-    t = _load_tensors(src)
+    t = load_tensors(src)
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
     groups = qc.get("config_groups") or {}

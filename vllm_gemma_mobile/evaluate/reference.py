@@ -259,8 +259,9 @@ def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
     spec: KVSpec | None = getattr(module, _KV_ATTR, None)
     if spec is not None:
-        key = fake_quant_kv(key, spec.k_scale, spec.bits)
-        value = fake_quant_kv(value, spec.v_scale, spec.bits)
+        fq = getattr(module, _KV_ATTR + "_fn", fake_quant_kv)
+        key = fq(key, spec.k_scale, spec.bits)
+        value = fq(value, spec.v_scale, spec.bits)
     base = module.config._attn_implementation.removeprefix(KV_ATTN_PREFIX)
     if base in ALL_ATTENTION_FUNCTIONS and base != "eager":
         fn = ALL_ATTENTION_FUNCTIONS[base]
@@ -274,8 +275,9 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
             if "attention" in type(m).__name__.lower() and hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
 
 
-def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec]) -> int:
+def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec], fake_quant=None) -> int:
     """Attach `specs` to the attention modules and switch the model to the KV-quantizing attention function.
+    `fake_quant(x, scale, bits)` replaces `fake_quant_kv` (QAT: the same values with a straight-through gradient).
 
     Every attention layer must have a spec. Returns the number of attention modules that got one.
     """
@@ -289,6 +291,8 @@ def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec]) -> i
         if m.layer_idx not in specs:
             raise ValueError(f"{name}: layer {m.layer_idx} has no KV bits/scales")
         setattr(m, _KV_ATTR, specs[m.layer_idx])
+        if fake_quant is not None:
+            setattr(m, _KV_ATTR + "_fn", fake_quant)
     base = model.config._attn_implementation or "sdpa"
     base = base.removeprefix(KV_ATTN_PREFIX)
     impl = KV_ATTN_PREFIX + base

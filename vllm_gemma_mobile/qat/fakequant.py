@@ -56,13 +56,14 @@ class StaticInt8(torch.nn.Module):
     def scale(self) -> torch.Tensor:
         return self.scale0 * self.rel
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer-valued f32 codes of x, the scale with LSQ's gradient scaling)."""
         s = grad_scale(self.scale, lsq_gscale(x.numel() // max(x.shape[0], 1), 127))
-        return quant_ste(x.float(), s, -128, 127)
+        return quant_ste(x.float(), s, -128, 127), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = grad_scale(self.scale, lsq_gscale(x.numel() // max(x.shape[0], 1), 127))
-        return quant_ste(x.float(), s, -128, 127) * s
+        q, s = self.codes(x)
+        return q * s
 
 
 class QATLinear(torch.nn.Module):
@@ -88,15 +89,14 @@ class QATLinear(torch.nn.Module):
     def weight_scale(self) -> torch.Tensor:
         return self.weight_scale0 * self.weight_rel
 
-    def weight_codes(self) -> torch.Tensor:
+    def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer-valued f32 weight codes, per-row scales with LSQ's gradient scaling)."""
         s = grad_scale(self.weight_scale, lsq_gscale(self.weight.shape[1], self.hi))
-        return quant_ste(self.weight, s, self.lo, self.hi)
+        return quant_ste(self.weight, s, self.lo, self.hi), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.inp.codes(x)
-        sx = grad_scale(self.inp.scale, lsq_gscale(x.numel() // max(x.shape[0], 1), 127))
-        sw = grad_scale(self.weight_scale, lsq_gscale(self.weight.shape[1], self.hi))
-        wq = quant_ste(self.weight, sw, self.lo, self.hi)
+        xq, sx = self.inp.codes(x)
+        wq, sw = self.weight_codes()
         acc = torch.nn.functional.linear(xq, wq)
         y = acc * (sx * sw.reshape(-1))
         if self.bias is not None:
@@ -117,8 +117,8 @@ class QATLinear(torch.nn.Module):
 
 
 class QATTable(torch.nn.Module):
-    """The tied b-bit table (one scale per vocab row): `weight()` is the fake-quantized table, read by the
-    embedding gather and by the lm_head, whose optional static int8 input / output quant is learned too."""
+    """The tied b-bit table (one scale per vocab row), fake-quantized once per use and read by the embedding
+    gather (`embed`) and by the lm_head (`head`), whose optional static int8 input / output quant is learned too."""
 
     def __init__(self, weight: torch.Tensor, row_scale: torch.Tensor, bits: int,
                  head_input_scale: float | None, head_output_scale: float | None, trainable: bool = True):
@@ -151,10 +151,6 @@ class QATTable(torch.nn.Module):
         s = grad_scale(self.row_scale, lsq_gscale(self.latent.shape[1], self.hi))
         return quant_ste(self.latent, s, self.lo, self.hi), s
 
-    def weight(self) -> torch.Tensor:
-        q, s = self._codes_scale()
-        return q * s
-
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the fake-quantized table (gathering before quantizing: same values, far less work)."""
         flat = ids.reshape(-1)
@@ -170,8 +166,7 @@ class QATTable(torch.nn.Module):
         `acc * (s_x * row_scale)`), i.e. the served int8-activation lm_head; else weight-only float."""
         wq, s = self._codes_scale()
         if self.head_in is not None:
-            hq = self.head_in.codes(h)
-            sx = grad_scale(self.head_in.scale, lsq_gscale(h.numel() // max(h.shape[0], 1), 127))
+            hq, sx = self.head_in.codes(h)
             logits = torch.nn.functional.linear(hq, wq) * (sx * s.reshape(-1))
         else:
             logits = torch.nn.functional.linear(h.float(), wq * s)

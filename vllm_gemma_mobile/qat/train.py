@@ -19,9 +19,8 @@ import logging
 import math
 import random
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,6 @@ import torch
 from vllm_gemma_mobile.qat.fakequant import QATLinear, QATTable, kv_fake_quant_ste
 
 logger = logging.getLogger(__name__)
-
-QAT_ATTN_PREFIX = "gemma_mobile_qat_kv_"
-_QAT_KV_ATTR = "_gemma_mobile_qat_kv"
 
 
 @dataclass
@@ -86,16 +82,6 @@ def load_qat_recipe(path: str | Path | None, overrides: dict[str, Any] | None = 
 
 
 # ------------------------------------------------------------------------------------------------ student
-def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def _bits_of(packed: torch.Tensor, k: int) -> int:
     from kernels import bitpack
 
@@ -108,39 +94,6 @@ def _bits_of(packed: torch.Tensor, k: int) -> int:
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _qat_kv_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention with the served KV fake quant (straight-through), then the model's own attention function."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    spec = getattr(module, _QAT_KV_ATTR, None)
-    if spec is not None:
-        key = kv_fake_quant_ste(key, spec.k_scale, spec.bits)
-        value = kv_fake_quant_ste(value, spec.v_scale, spec.bits)
-    base = module.config._attn_implementation.removeprefix(QAT_ATTN_PREFIX)
-    fn = ALL_ATTENTION_FUNCTIONS[base] if base in ALL_ATTENTION_FUNCTIONS and base != "eager" \
-        else sys.modules[type(module).__module__].eager_attention_forward
-    return fn(module, query, key, value, attention_mask, **kwargs)
-
-
-def install_qat_kv(model: torch.nn.Module, specs: dict) -> int:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from vllm_gemma_mobile.evaluate.reference import _attention_modules
-
-    attn = _attention_modules(model)
-    for name, m in attn:
-        if m.layer_idx not in specs:
-            raise ValueError(f"{name}: layer {m.layer_idx} has no KV bits/scales in the PTQ checkpoint")
-        setattr(m, _QAT_KV_ATTR, specs[m.layer_idx])
-    base = (model.config._attn_implementation or "sdpa").removeprefix(QAT_ATTN_PREFIX)
-    impl = QAT_ATTN_PREFIX + base
-    ALL_ATTENTION_FUNCTIONS.register(impl, _qat_kv_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(impl, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    model.set_attn_implementation(impl)
-    return len(attn)
 
 
 @torch.no_grad()
@@ -167,7 +120,9 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     """(student, summary): BASE's f32 model with PTQ_DIR's quantized modules replaced by QAT modules."""
     from transformers import AutoModelForCausalLM
 
-    from vllm_gemma_mobile.evaluate.reference import load_kv_specs, mobile_metadata, read_config
+    from kernels import bitpack
+    from vllm_gemma_mobile.convert import load_tensors
+    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, load_kv_specs, mobile_metadata, read_config
 
     cfg = read_config(ptq)
     meta = mobile_metadata(cfg)
@@ -175,7 +130,7 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
         raise ValueError(f"{ptq}: not a gemma-mobile checkpoint (quantization_config.gemma_mobile missing)")
     if "gemma3" not in cfg.get("model_type", ""):
         raise ValueError(f"{ptq}: QAT supports Gemma 3 checkpoints for now (model_type {cfg.get('model_type')!r})")
-    t = _tensors(ptq)
+    t = load_tensors(ptq)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     head_sx = head_sy = None
     if opts.lm_head_scales != "none":
@@ -186,8 +141,6 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, torch.nn.Linear) or f"{name}.weight_packed" not in t:
             continue
-        from kernels import bitpack
-
         k = mod.in_features
         bits = _bits_of(t[f"{name}.weight_packed"], k)
         codes = bitpack.ct_unpack(t[f"{name}.weight_packed"], bits, k)
@@ -202,8 +155,6 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     ename = next(n for n, m in model.named_modules() if m is emb)
     if f"{ename}.weight_packed" not in t:
         raise ValueError(f"{ptq}: the embedding table {ename} is not quantized; QAT expects the mobile table")
-    from kernels import bitpack
-
     kk = emb.embedding_dim
     tbits = _bits_of(t[f"{ename}.weight_packed"], kk)
     tcodes = bitpack.ct_unpack(t[f"{ename}.weight_packed"], tbits, kk)
@@ -220,14 +171,14 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     emb.weight.requires_grad_(False)
     model.get_output_embeddings().forward = table.head
     specs = load_kv_specs(ptq, meta)
-    install_qat_kv(model, specs)
+    install_kv_fake_quant(model, specs, fake_quant=kv_fake_quant_ste)  # the reference's hook, STE gradient
     summary = {"qat_linears": len(names), "table_bits": tbits, "kv_layers": len(specs),
                "lm_head_init": {"input_scale": head_sx, "output_scale": head_sy}}
     return model, summary
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _batches(tokenizer, opts: QATOptions, n_seqs: int) -> list[list[int]]:
+def _sequences(tokenizer, opts: QATOptions, n_seqs: int) -> list[list[int]]:
     from vllm_gemma_mobile.quantize.run import calibration_token_ids
 
     seqs = [s for s in calibration_token_ids(tokenizer, n_seqs, opts.seq_len) if len(s) == opts.seq_len]
@@ -272,7 +223,7 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     tok = AutoTokenizer.from_pretrained(base)
-    seqs = _batches(tok, opts, opts.n_sequences + opts.batch)
+    seqs = _sequences(tok, opts, opts.n_sequences + opts.batch)
     monitor_ids = torch.tensor(seqs[-opts.batch:])  # held out from training
     seqs = seqs[:-opts.batch]
     order = list(range(len(seqs)))
@@ -362,9 +313,10 @@ def export(student: torch.nn.Module, init: Path, out: Path, summary: dict[str, A
     and `gemma_mobile.lm_head` scales; `qat.json` records the run."""
     from safetensors.torch import save_file
 
+    from vllm_gemma_mobile.convert import load_tensors
     from vllm_gemma_mobile.metadata import parse_metadata
 
-    t = _tensors(init)
+    t = load_tensors(init)
     for name, m in student.named_modules():
         if isinstance(m, QATLinear):
             for k, v in m.export().items():

@@ -129,15 +129,6 @@ class GemmaMobileLinearMethod(LinearMethodBase):
             raise ValueError(f"gemma_mobile: {prefix}.weight_scale has zero/negative/non-finite entries")
         self.backend = backend(layer.weight_packed.device)
         layer.gm_backend = self.backend
-        col_scale = kplugin.output_column_scale(s_y, shards)
-        offsets = [0]
-        for n in shards:
-            offsets.append(offsets[-1] + n)
-        layer.gm_groups = [(offsets[a], offsets[b], float(s_x[a])) for a, b in kplugin.runs(s_x.tolist())]
-        layer.gm_output_scale = col_scale
-        if len(layer.gm_groups) > 1:
-            logger.debug("%s: %d input-scale groups over shards %s", prefix, len(layer.gm_groups), shards)
-
         # Row-parallel under TP: the output requantization must see the all-reduced sum, so this method
         # reduces the float32 partial sums itself and the layer must not reduce again.
         layer.gm_allreduce = bool(getattr(layer, "tp_size", 1) > 1 and getattr(layer, "input_is_parallel", False)
@@ -145,6 +136,9 @@ class GemmaMobileLinearMethod(LinearMethodBase):
         if layer.gm_allreduce:
             layer.reduce_results = False
         if self.backend == "cpu":
+            col_scale = kplugin.output_column_scale(s_y, shards)
+            layer.gm_groups = kplugin.input_scale_groups(s_x, shards)
+            layer.gm_output_scale = col_scale
             codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
             # fold 1/s_y into the GEMM's per-channel scales: the epilogue yields y / s_y directly
             inv = None if col_scale is None else (1.0 / col_scale.expand(sum(shards)))
