@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export GEMMA_MOBILE_CACHE := $(CACHE)
 
-.PHONY: demo test venv lock base mobile report clean-venv
+.PHONY: demo test venv ext lock base mobile report clean-venv
 
 venv: $(VENV)/.installed
 
@@ -29,7 +29,12 @@ $(VENV)/.installed: requirements/cpu.lock pyproject.toml $(VLLM_ALIAS)/pyproject
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-base: venv
+# The packed-weight AVX2 CPU kernels (kernels/cpu_packed.cpp), built once into $(CACHE)/torch_ext with the
+# pinned torch + ninja; the plugin builds them on first use otherwise (torch rebuilds when the source changes).
+ext: $(VENV)/.installed
+	$(BIN)/python -m kernels.cpu_packed
+
+base: ext
 	$(BIN)/gemma-mobile base gemma3-270m --out $(BASE)
 
 mobile: base
@@ -42,7 +47,7 @@ demo: mobile
 	$(BIN)/gemma-mobile report $(MOBILE) --json
 	$(BIN)/gemma-mobile serve $(MOBILE)
 
-test: venv
+test: ext
 	$(BIN)/python -m pytest -q -rfEs --durations=15 tests
 
 # Re-freeze the environment (after a deliberate upgrade): keeps the header of the current lock. The project

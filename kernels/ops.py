@@ -1,8 +1,9 @@
 """Public dispatch API (what the vLLM plugin calls). vLLM-free; Triton is imported only when used.
 
-Backend choice: ``backend`` argument, else env ``GEMMA_MOBILE_BACKEND`` (``triton`` | ``torch``), else by device:
-CUDA -> Triton (``gemv`` for ``M <= GEMMA_MOBILE_GEMV_MAX_M``, default 4; ``gemm`` above), CPU -> torch reference
-(``torch._int_mm``). Forcing ``triton`` on CPU needs ``TRITON_INTERPRET=1`` (tests/CI).
+Backend choice: ``backend`` argument, else env ``GEMMA_MOBILE_BACKEND`` (``triton`` | ``torch`` | ``packed``), else
+by device: CUDA -> Triton (``gemv`` for ``M <= GEMMA_MOBILE_GEMV_MAX_M``, default 4; ``gemm`` above), CPU -> torch
+reference (``torch._int_mm``). ``packed``: the reference's numerics with the products computed by
+``kernels.cpu_packed`` (AVX2 C++ over the packed codes, CPU). Forcing ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
 
 Numerics (every backend): see ``kernels.reference`` -- int8 x int-b exact int32, f32 epilogue, round-half-even,
 static per-tensor input scale, scalar or per-column ``[N]`` output scale.
@@ -21,7 +22,7 @@ from . import reference
 from .layout import PackedWeight
 from .reference import ScaleLike
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "packed")
 MAX_K = 65536  # int32 accumulation bound: 8-bit fields 255*128*K + offset term stay < 2^31
 
 
@@ -38,6 +39,8 @@ def select_backend(device: torch.device, backend: Optional[str] = None) -> str:
     interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     if b == "triton" and device.type != "cuda" and not interp:
         raise ValueError("backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1")
+    if b == "packed" and device.type != "cpu":
+        raise ValueError(f"backend 'packed' runs on CPU tensors only, got {device}")
     return b
 
 
@@ -67,8 +70,9 @@ def linear(
     """
     be = select_backend(x.device, backend)
     check = x.device.type == "cpu"
-    if be == "torch":
-        return reference.linear(x, w, weight_scale, input_scale, output_scale, bias, out_dtype, int8_out, check)
+    if be in ("torch", "packed"):
+        return reference.linear(x, w, weight_scale, input_scale, output_scale, bias, out_dtype, int8_out, check,
+                                packed_cpu=be == "packed")
     ws, si, so, b = reference.normalize_args(x, w, weight_scale, input_scale, output_scale, bias, int8_out, check)
     if w.k > MAX_K:
         raise ValueError(f"K={w.k} > {MAX_K}: int32 accumulation could overflow")
@@ -104,7 +108,7 @@ def embedding(
     check = ids.device.type == "cpu"
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"out_dtype must be float32/bfloat16/float16, got {out_dtype}")
-    if be == "torch":
+    if be in ("torch", "packed"):  # packed: rows unpacked from the packed table (no codes cached)
         return reference.embedding(ids, w, weight_scale, out_dtype, check)
     ws = reference.check_embedding_args(ids, w, weight_scale, check)
     out = torch.empty(ids.numel(), w.k, dtype=out_dtype, device=ids.device)

@@ -1,4 +1,4 @@
-"""The vLLM plugin's tensor work on its ``triton`` / ``torch`` backends, vLLM-free (so the GPU check, which has
+"""The vLLM plugin's tensor work on its ``triton`` / ``torch`` / ``packed`` backends, vLLM-free (so the GPU check, which has
 torch and Triton but no vLLM, runs exactly this code on CUDA tensors: ``kernels/plugin_check.py``).
 
 ``vllm_gemma_mobile/vllm/linear.py`` and ``embedding.py`` are thin adapters: they create vLLM parameters, let vLLM
@@ -71,7 +71,8 @@ def prepare_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor, inpu
                    backend: str) -> LinearState:
     """Load-time conversion of a compressed-tensors linear (int32 ``[N, ceil(K*bits/32)]``, f32 scales, one
     input / output scale per shard) to the kernels' packed layout. On CPU with the ``torch`` backend the int8
-    codes are cached once (``torch._int_mm`` reads codes, not the packed words)."""
+    codes are cached once (``torch._int_mm`` reads codes, not the packed words); ``packed`` (``kernels.cpu_packed``)
+    and ``triton`` read the packed words in place."""
     ws = weight_scale.reshape(-1).to(torch.float32)
     groups = input_scale_groups(input_scale.to(torch.float32), shards)
     packed = [from_compressed_tensors(weight_packed[a:b].contiguous(), bits, (b - a, k)) for a, b, _ in groups]

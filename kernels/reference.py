@@ -22,6 +22,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import cpu_packed
 from .layout import PackedWeight, unpack
 
 ScaleLike = Union[torch.Tensor, float, None]
@@ -173,8 +174,13 @@ def linear(
     out_dtype: Optional[torch.dtype] = None,
     int8_out: bool = False,
     check_values: bool = True,
+    packed_cpu: bool = False,
 ) -> torch.Tensor:
     """Reference quantized linear ``x[..., K] -> [..., N]`` (numerics in the module docstring).
+
+    ``packed_cpu=True`` (the ``packed`` backend): the products come from ``kernels.cpu_packed`` reading the packed
+    codes in place -- int32-exact, so the int8 path is bitwise this function; the weight-only path accumulates in
+    f32 instead of the bf16 GEMM (bound in ``cpu_packed.float_mm``).
 
     ``x`` float (quantized here with ``input_scale``) or int8 (already quantized at ``input_scale``).
     ``output_scale``: scalar or per-column ``[N]`` (fused qkv / gate_up shards with their own scales).
@@ -185,14 +191,16 @@ def linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if si is None:
-        if x2.dtype == torch.float32 or x2.device.type != "cpu":
+        if packed_cpu:
+            acc = cpu_packed.float_mm(x2, w)
+        elif x2.dtype == torch.float32 or x2.device.type != "cpu":
             acc = x2.to(torch.float32) @ _codes(w, torch.float32).t()
         else:
             acc = x2 @ _codes(w, x2.dtype).t()
         y = epilogue(acc, ws, b, so, odt)
     else:
         xq = x2 if x2.dtype == torch.int8 else quantize_int8(x2, si)
-        acc = int_matmul(xq, _codes(w, torch.int8))
+        acc = cpu_packed.int_mm(xq, w) if packed_cpu else int_matmul(xq, _codes(w, torch.int8))
         y = epilogue(acc, si * ws, b, so, odt)
     return y.reshape(*lead, w.n)
 

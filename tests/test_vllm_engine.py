@@ -65,15 +65,21 @@ def test_engine_uses_plugin_and_one_table(llm):
     info = llm.apply_model(describe)[0]
     assert info["embedding_bits"] == 2 and info["lm_head_tied_to_embedding"] and info["lm_head_own_params"] == []
     from kernels.layout import padded_k
+    from kernels import cpu_packed
     from vllm_gemma_mobile.vllm.cpu_ops import have_cpu_kernels
 
-    backend = "cpu" if have_cpu_kernels() else "torch"  # torch: exact reference ops where vLLM's kernels are not
+    # packed: our AVX2 kernels over the packed codes; torch: exact reference ops where vLLM's kernels are not
+    backend = "packed" if cpu_packed.available() else "cpu" if have_cpu_kernels() else "torch"
     assert info["embedding_backend"] == backend and info["linear_backends"] == [backend]
     k = llm.llm_engine.model_config.hf_text_config.hidden_size
     v = info["vocab_x_hidden"] // k
     if backend == "cpu":
         assert info["table_bytes"] * 2 == info["vocab_x_hidden"]  # 4-bit containers, one copy for both uses
         assert info["table_codes_cache"] is None
+    elif backend == "packed":
+        assert info["table_bytes"] == v * padded_k(k, 2) // 4  # 2 bits/weight, one copy for both uses
+        assert info["table_codes_cache"] is None  # read in place: no unpacked copy of the table
+        assert info["linear_codes_cache_bytes"] == 0  # nor of any linear
     else:
         assert info["table_bytes"] == v * padded_k(k, 2) // 4  # 2 bits/weight, one copy for both uses
         # the torch path multiplies by exact bf16 codes of the table (the lm_head GEMM); nothing else is float

@@ -20,7 +20,11 @@ from vllm_gemma_mobile.vllm import cpu_ops  # noqa: E402
 # AVX2 build): tests of those kernels themselves need them; the plugin falls back to the exact torch ops.
 HAVE_CPU_KERNELS, NO_CPU_KERNELS_WHY = cpu_ops.cpu_kernels_status()
 needs_cpu_kernels = pytest.mark.skipif(not HAVE_CPU_KERNELS, reason=f"this machine: {NO_CPU_KERNELS_WHY}")
-CPU_BACKENDS = ["cpu", "torch"] if HAVE_CPU_KERNELS else ["torch"]
+from kernels import cpu_packed  # noqa: E402
+
+HAVE_PACKED, NO_PACKED_WHY = cpu_packed.status()  # our AVX2 kernels over the packed codes (built on first use)
+CPU_BACKENDS = (["packed"] if HAVE_PACKED else []) + (["cpu", "torch"] if HAVE_CPU_KERNELS else ["torch"])
+EXACT_BACKENDS = ("torch", "packed")  # integer products exact and the reference's own f32 epilogue
 
 
 def assert_requant_close(out: torch.Tensor, expect: torch.Tensor, step: torch.Tensor, exact: bool) -> None:
@@ -91,11 +95,14 @@ def test_wna16_table_gathers_rows_and_matmuls(bits):
 
 
 def test_backend_choice_falls_back_to_exact_torch_ops(monkeypatch, caplog):
-    """Without vLLM's exact CPU kernels the plugin takes the torch reference ops (same contract numerics), and
-    says so once; with them it takes them; an explicit GEMMA_MOBILE_BACKEND wins."""
+    """The packed AVX2 kernels where they build; else vLLM's exact CPU kernels; else the torch reference ops
+    (same contract numerics), said once; an explicit GEMMA_MOBILE_BACKEND wins."""
     from vllm_gemma_mobile.vllm import linear
 
     monkeypatch.delenv("GEMMA_MOBILE_BACKEND", raising=False)
+    monkeypatch.setattr(cpu_packed, "status", lambda: (True, ""))
+    assert linear.backend(torch.device("cpu")) == "packed"  # preferred wherever it builds (weights stay packed)
+    monkeypatch.setattr(cpu_packed, "status", lambda: (False, "no compiler"))
     monkeypatch.setattr(cpu_ops, "cpu_kernels_status", lambda: (False, "no cpu_gemm_wna16 kernel"))
     monkeypatch.setattr(linear, "_WARNED_FALLBACK", False)
     assert linear.backend(torch.device("cpu")) == "torch"
@@ -230,7 +237,7 @@ def test_fused_layer_keeps_one_scale_per_shard(dist_env, monkeypatch, kind, bits
             off += n
         expect = torch.cat(cols, dim=-1)
         step = torch.cat([torch.full((n // size,), sy) for _, n, _, sy in shards])
-        assert_requant_close(out, expect, step, exact=layer.gm_backend == "torch")
+        assert_requant_close(out, expect, step, exact=layer.gm_backend in EXACT_BACKENDS)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -254,7 +261,7 @@ def test_kernels_backends_match_cpu_path(dist_env, monkeypatch, backend):
                 layer.weight_loader_v2(params[name], v, sid)
         layer.quant_method.process_weights_after_loading(layer)
         assert layer.gm_backend == be
-        assert_requant_close(layer.quant_method.apply(layer, x), expect, step, exact=be != "cpu")
+        assert_requant_close(layer.quant_method.apply(layer, x), expect, step, exact=be in EXACT_BACKENDS + ("triton",))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

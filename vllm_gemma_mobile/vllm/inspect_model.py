@@ -64,6 +64,11 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
         "linear_backends": sorted({m.gm_backend for m in lin}),
         "linear_bits": sorted({m.quant_method.bits for m in lin}),
         "kv": [m.gm_kv for m in model.modules() if hasattr(m, "gm_kv")],
+        # triton / torch / packed backends: bytes of the packed codes, and of unpacked code caches beside them
+        # (the torch backend's int8 copy for torch._int_mm; 0 on packed / triton)
+        "linear_packed_bytes": sum(w.nbytes() for w in _linear_weights(lin)),
+        "linear_codes_cache_bytes": sum(w.codes.numel() * w.codes.element_size()
+                                        for w in _linear_weights(lin) if w.codes is not None),
     }
     if emb is not None and isinstance(emb.quant_method, GemmaMobileEmbeddingMethod):
         src = getattr(head, "gm_source", None)
@@ -98,3 +103,8 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
             "vocab_x_width": int(ple.num_embeddings_padded * ple.embedding_dim),
         }
     return out
+
+
+def _linear_weights(lin: list[torch.nn.Module]) -> list:
+    """The `kernels.layout.PackedWeight`s of the plugin's linears (backends that keep `gm_state`)."""
+    return [w for m in lin for w in getattr(getattr(m, "gm_state", None), "packed", [])]

@@ -15,10 +15,15 @@ Shards whose input scales are equal share one int8 quantization of x and one GEM
 equal-scale shards gets its own quantization and GEMM. Output scales become a per-column vector.
 
 Backends (chosen once per layer in `process_weights_after_loading`, see `backend()`):
-  cpu    vLLM's oneDNN int8 GEMM (int8 codes prepacked by oneDNN; no float weight copy) — default on CPU.
+  packed   `kernels.cpu_packed` (AVX2 C++ reading the 2/4/8-bit codes in place: weights stay as small in memory
+           as on disk; int32-exact, so bitwise the contract numerics) — default on x86 CPUs with AVX2.
+  cpu      vLLM's oneDNN int8 GEMM (int8 codes prepacked by oneDNN, 1 byte/weight; no float weight copy) —
+           CPU default only where `packed` cannot be built and vLLM's kernels are exact (AVX-512 VNNI / AMX).
   triton / torch   `kernels.plugin` (vLLM-free: load-time layout conversion, apply, TP partial sums + requant)
-         over `kernels.ops.linear` on the packed weight (`kernels.layout.PackedWeight`) — default
-         "triton" on CUDA; `GEMMA_MOBILE_BACKEND=triton|torch` forces it (CI: TRITON_INTERPRET=1).
+           over `kernels.ops.linear` on the packed weight (`kernels.layout.PackedWeight`) — default
+           "triton" on CUDA; "torch" (exact reference ops, int8 codes cached) is the last CPU fallback.
+  `GEMMA_MOBILE_BACKEND=packed|cpu|triton|torch` forces one (CI: triton with TRITON_INTERPRET=1).
+  `packed` also goes through `kernels.plugin` (same state objects as torch, without cached codes).
 """
 
 from __future__ import annotations
@@ -36,21 +41,22 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from kernels import cpu_packed
 from kernels import plugin as kplugin
 from vllm_gemma_mobile.vllm import cpu_ops
 
 logger = init_logger("vllm.gemma_mobile.linear")  # under vllm's handlers, so it shows in engine logs
 
-BACKENDS = ("cpu", "triton", "torch")
+BACKENDS = ("packed", "cpu", "triton", "torch")
 
 
 _WARNED_FALLBACK = False
 
 
 def backend(device: torch.device | None = None) -> str:
-    """`GEMMA_MOBILE_BACKEND` if set, else "triton" on CUDA; on CPU "cpu" (vLLM's oneDNN int8 / WNA16 kernels)
-    where they exist and are exact, else "torch" (`kernels.reference`: `torch._int_mm`, the same contract
-    numerics — integer products exact, f32 epilogue — without vLLM's fast kernels; logged once)."""
+    """`GEMMA_MOBILE_BACKEND` if set, else "triton" on CUDA; on CPU "packed" (`kernels.cpu_packed`, AVX2) where it
+    builds, else "cpu" (vLLM's oneDNN int8 / WNA16 kernels) where they exist and are exact, else "torch"
+    (`kernels.reference`: `torch._int_mm`, the same contract numerics, much slower; logged once)."""
     global _WARNED_FALLBACK
     forced = os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower()
     if forced:
@@ -60,15 +66,17 @@ def backend(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
         return "triton"
     if device is None or device.type == "cpu":
+        packed_ok, packed_why = cpu_packed.status()
+        if packed_ok:
+            return "packed"
         ok, why = cpu_ops.cpu_kernels_status()
-        if ok:
-            return "cpu"
         if not _WARNED_FALLBACK:
-            logger.warning("gemma_mobile: %s; using the exact torch reference ops (torch._int_mm int8 GEMMs, "
-                           "int8 weight codes in memory; the tied lm_head table as exact bf16 codes): same "
-                           "numerics, slower. Needs AVX-512 VNNI/AMX for vLLM's int8 kernels.", why)
+            logger.warning("gemma_mobile: packed CPU kernels unavailable (%s)%s", packed_why,
+                           "; using vLLM's oneDNN int8 kernels (int8 codes in memory)" if ok else
+                           f"; {why}; using the exact torch reference ops (torch._int_mm int8 GEMMs, int8 weight "
+                           "codes in memory; the tied lm_head table as exact bf16 codes): same numerics, slower")
             _WARNED_FALLBACK = True
-        return "torch"
+        return "cpu" if ok else "torch"
     return "triton"
 
 

@@ -1,0 +1,249 @@
+// CPU kernels over the packed `kgroup8` weights (kernels/layout.py), AVX2. Built by kernels/cpu_packed.py.
+//
+// Why hand-written: on x86 CPUs without AVX-512 VNNI / AMX, vLLM's CPU build has no packed-weight GEMM
+// (`cpu_gemm_wna16` is AVX-512 only) and oneDNN's s8 x s8 GEMM is not exact there; torch has no int2/int4 x
+// int8 GEMM at all (`torch._int_mm` needs int8 codes in memory: 1 byte per weight). These kernels read the
+// 2/4/8-bit codes in place (0.25 / 0.5 / 1 byte per weight) and unpack them in registers.
+//
+// Ops (schema in TORCH_LIBRARY below):
+//   gemma_mobile::packed_int_mm(xq int8 [M, K], packed int32 [N, Kp*bits/32], bits, k) -> int32 [M, N]
+//       acc[m, n] = sum_k xq[m, k] * q[n, k], EXACT (integer arithmetic only, |acc| < 2^31 for K <= 65536).
+//   gemma_mobile::packed_float_mm(x f32 [M, K], packed, bits, k) -> f32 [M, N]
+//       y[m, n] = sum_k x[m, k] * q[n, k] in f32 (FMA, 8 lanes, then a lane sum): the weight-only lm_head.
+//
+// kgroup8: word g*8 + w of a row holds in field j (bits [j*b, (j+1)*b)) the code of k = g*GK + j*8 + w,
+// offset binary (q + 2^(b-1)). Seen as bytes (little endian), byte w*4 + i of group g holds the 8/b fields
+// j = i*(8/b) + p, p = 0 .. 8/b - 1 (p-th b-bit "plane" of the byte). So `(bytes >> p*b) & mask` gives 32 codes
+// in one register, for k = g*GK + (i*(8/b) + p)*8 + w at byte position w*4 + i: the activations are permuted
+// once per call into that order (`permute_row`), after which every load is contiguous.
+//
+// Integer path: 2/4-bit codes stay unsigned u = q + off (off = 2^(b-1)), `maddubs(u, x)` forms
+// u0*x0 + u1*x1 in int16 (|.| <= 2*15*128 = 3840, no saturation; the planes of one group are summed in int16:
+// <= 2 planes * 3840 (int4), 4 * 768 (int2), both < 32767), `madd(., 1)` widens to int32, and
+// acc = sum(u*x) - off * sum(x). 8-bit codes are made signed (u ^ 0x80) and multiplied in int16 (`madd`).
+#include <immintrin.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kWG = 8;      // words per group (kernels/layout.py WORDS_PER_GROUP)
+constexpr int kGroupBytes = kWG * 4;  // 32 bytes = one AVX2 register per row and group
+
+inline int codes_per_group(int bits) { return (32 / bits) * kWG; }
+
+// x row [k] -> kernel order [kp] (zeros past k).
+template <typename T>
+void permute_row(const T* x, int64_t k, T* out, int64_t kp, int bits) {
+  const int fpb = 8 / bits, gk = codes_per_group(bits);
+  for (int64_t g = 0; g < kp / gk; ++g) {
+    T* o = out + g * gk;
+    const int64_t base = g * gk;
+    for (int p = 0; p < fpb; ++p)
+      for (int w = 0; w < kWG; ++w)
+        for (int i = 0; i < 4; ++i) {
+          const int64_t kk = base + (int64_t)(i * fpb + p) * kWG + w;
+          o[p * 32 + w * 4 + i] = kk < k ? x[kk] : T(0);
+        }
+  }
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NR rows (w: first row, row stride rb bytes) . one permuted activation row xp -> NR raw sums (2/4-bit: of u*x).
+template <int BITS, int NR>
+inline void dot_int(const uint8_t* w, int64_t rb, const int8_t* xp, int64_t ngroups, int32_t* res) {
+  constexpr int FPB = 8 / BITS;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_si256();
+  if constexpr (BITS == 8) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(xp + g * 32));
+      const __m256i xlo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv));
+      const __m256i xhi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1));
+      for (int r = 0; r < NR; ++r) {
+        const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + r * rb + g * kGroupBytes)), flip);
+        const __m256i wlo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+        const __m256i whi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(_mm256_madd_epi16(wlo, xlo), _mm256_madd_epi16(whi, xhi)));
+      }
+    }
+  } else {
+    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    for (int64_t g = 0; g < ngroups; ++g) {
+      __m256i v[NR], s16[NR];
+      for (int r = 0; r < NR; ++r) {
+        v[r] = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * kGroupBytes));
+        s16[r] = _mm256_setzero_si256();
+      }
+      const int8_t* xg = xp + g * (FPB * 32);
+#pragma GCC unroll 4
+      for (int p = 0; p < FPB; ++p) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xg + p * 32));
+        for (int r = 0; r < NR; ++r) {
+          const __m256i u = _mm256_and_si256(_mm256_srli_epi16(v[r], p * BITS), mask);
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(u, xv));
+        }
+      }
+      for (int r = 0; r < NR; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+    }
+  }
+  for (int r = 0; r < NR; ++r) res[r] = hsum_epi32(acc[r]);
+}
+
+// NR rows . one permuted f32 activation row -> NR f32 sums of q*x (signed codes, FMA per 8 lanes).
+template <int BITS, int NR>
+inline void dot_float(const uint8_t* w, int64_t rb, const float* xp, int64_t ngroups, float* res) {
+  constexpr int FPB = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+  const __m256i off = _mm256_set1_epi8((char)(1 << (BITS - 1)));
+  __m256 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const float* xg = xp + g * (FPB * 32);
+    for (int p = 0; p < FPB; ++p) {
+      const __m256 x0 = _mm256_loadu_ps(xg + p * 32), x1 = _mm256_loadu_ps(xg + p * 32 + 8);
+      const __m256 x2 = _mm256_loadu_ps(xg + p * 32 + 16), x3 = _mm256_loadu_ps(xg + p * 32 + 24);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * kGroupBytes));
+        __m256i q;  // signed codes
+        if constexpr (BITS == 8) q = _mm256_xor_si256(v, off);
+        else q = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask), off);
+        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), x0, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), x1, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), x2, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), x3, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) res[r] = hsum_ps(acc[r]);
+}
+
+constexpr int kNR = 4;  // output rows per tile (shares each activation load among 4 weight rows)
+
+void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t k, at::ScalarType xdt) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "gemma_mobile packed kernels: bits must be 2, 4 or 8, got ", bits);
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "gemma_mobile packed kernels: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == xdt, "gemma_mobile packed kernels: x must be ", xdt, ", got ", x.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2, "packed must be int32 [N, Kp*bits/32]");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, ", k, "], got ", x.sizes());
+  TORCH_CHECK(k > 0 && k <= 65536, "K must be in [1, 65536] (int32 accumulation bound), got ", k);
+  const int64_t gk = codes_per_group((int)bits), kp = (k + gk - 1) / gk * gk;
+  TORCH_CHECK(packed.size(1) == kp * bits / 32, "packed has ", packed.size(1), " words per row, expected ",
+              kp * bits / 32, " for K=", k, " at ", bits, " bits");
+}
+
+template <int BITS>
+void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
+                 int32_t* out) {
+  const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
+  const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
+  const int64_t tiles = (n + kNR - 1) / kNR;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    int32_t res[kNR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
+      for (int64_t i = 0; i < m; ++i) {
+        const int8_t* xr = xp + i * kp;
+        if (nr == kNR) dot_int<BITS, kNR>(w + n0 * rb, rb, xr, ng, res);
+        else for (int64_t r = 0; r < nr; ++r) dot_int<BITS, 1>(w + (n0 + r) * rb, rb, xr, ng, res + r);
+        for (int64_t r = 0; r < nr; ++r) out[i * n + n0 + r] = res[r] - off * xsum[i];
+      }
+    }
+  });
+}
+
+template <int BITS>
+void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, float* out) {
+  const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
+  const int64_t tiles = (n + kNR - 1) / kNR;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    float res[kNR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xr = xp + i * kp;
+        if (nr == kNR) dot_float<BITS, kNR>(w + n0 * rb, rb, xr, ng, res);
+        else for (int64_t r = 0; r < nr; ++r) dot_float<BITS, 1>(w + (n0 + r) * rb, rb, xr, ng, res + r);
+        for (int64_t r = 0; r < nr; ++r) out[i * n + n0 + r] = res[r];
+      }
+    }
+  });
+}
+
+at::Tensor packed_int_mm(const at::Tensor& xq_in, const at::Tensor& packed_in, int64_t bits, int64_t k) {
+  check_args(xq_in, packed_in, bits, k, at::kChar);
+  const at::Tensor xq = xq_in.contiguous(), packed = packed_in.contiguous();
+  const int64_t m = xq.size(0), n = packed.size(0), gk = codes_per_group((int)bits);
+  const int64_t kp = (k + gk - 1) / gk * gk;
+  std::vector<int8_t> xp(m * kp);
+  std::vector<int32_t> xsum(m);
+  const int8_t* x = xq.data_ptr<int8_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    permute_row<int8_t>(x + i * k, k, xp.data() + i * kp, kp, (int)bits);
+    int32_t s = 0;
+    for (int64_t j = 0; j < k; ++j) s += x[i * k + j];
+    xsum[i] = s;
+  }
+  at::Tensor out = at::empty({m, n}, xq.options().dtype(at::kInt));
+  if (m == 0 || n == 0) return out;
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  int32_t* o = out.data_ptr<int32_t>();
+  switch (bits) {
+    case 2: int_mm_impl<2>(xp.data(), m, kp, xsum.data(), w, n, o); break;
+    case 4: int_mm_impl<4>(xp.data(), m, kp, xsum.data(), w, n, o); break;
+    default: int_mm_impl<8>(xp.data(), m, kp, xsum.data(), w, n, o); break;
+  }
+  return out;
+}
+
+at::Tensor packed_float_mm(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t bits, int64_t k) {
+  check_args(x_in, packed_in, bits, k, at::kFloat);
+  const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();
+  const int64_t m = x.size(0), n = packed.size(0), gk = codes_per_group((int)bits);
+  const int64_t kp = (k + gk - 1) / gk * gk;
+  std::vector<float> xp(m * kp);
+  for (int64_t i = 0; i < m; ++i) permute_row<float>(x.data_ptr<float>() + i * k, k, xp.data() + i * kp, kp, (int)bits);
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return out;
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  float* o = out.data_ptr<float>();
+  switch (bits) {
+    case 2: float_mm_impl<2>(xp.data(), m, kp, w, n, o); break;
+    case 4: float_mm_impl<4>(xp.data(), m, kp, w, n, o); break;
+    default: float_mm_impl<8>(xp.data(), m, kp, w, n, o); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gemma_mobile, m) {
+  m.def("packed_int_mm(Tensor xq, Tensor packed, int bits, int k) -> Tensor");
+  m.def("packed_float_mm(Tensor x, Tensor packed, int bits, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gemma_mobile, CPU, m) {
+  m.impl("packed_int_mm", &packed_int_mm);
+  m.impl("packed_float_mm", &packed_float_mm);
+}

@@ -1,0 +1,110 @@
+"""CPU kernels that read the packed ``kgroup8`` weights in place (``cpu_packed.cpp``, AVX2 + FMA), as torch ops.
+
+``int_mm(xq, w)``: exact ``xq[M, K] @ q[N, K]^T`` in int32 from the 2/4/8-bit codes (0.25 / 0.5 / 1 byte per
+weight in memory, no int8 copy). Followed by ``kernels.reference.epilogue`` it is bitwise the reference linear.
+``float_mm(x, w)``: ``f32(x) @ q^T`` with f32 FMA accumulation (the weight-only lm_head); its summation order is
+not the reference's bf16 GEMM (which also rounds its output to bf16), see ``float_mm``'s docstring for the bound.
+
+Built once per machine with torch's C++ extension builder (ninja, g++; pinned through the lock) into
+``$GEMMA_MOBILE_CACHE/torch_ext`` (default ``~/.cache/vllm-gemma-mobile/torch_ext``); later loads reuse the
+build (torch rebuilds when the source or flags change). ``python -m kernels.cpu_packed`` builds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .layout import PackedWeight
+
+logger = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("cpu_packed.cpp")
+_NAME = "gemma_mobile_cpu_packed"
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"]
+_LOCK = threading.Lock()
+_STATUS: tuple[bool, str] | None = None
+
+
+def build_dir() -> Path:
+    root = os.environ.get("GEMMA_MOBILE_CACHE") or os.path.expanduser("~/.cache/vllm-gemma-mobile")
+    return Path(root) / "torch_ext" / _NAME
+
+
+def _cpu_has_avx2() -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()
+    return cap in ("AVX2", "AVX512")
+
+
+def status() -> tuple[bool, str]:
+    """(usable, why not): builds / loads the extension on first call (thread-safe), never raises."""
+    global _STATUS
+    with _LOCK:
+        if _STATUS is not None:
+            return _STATUS
+        if not _cpu_has_avx2():
+            _STATUS = (False, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2")
+            return _STATUS
+        if hasattr(torch.ops, "gemma_mobile") and hasattr(torch.ops.gemma_mobile, "packed_int_mm"):
+            _STATUS = (True, "")
+            return _STATUS
+        try:
+            from torch.utils import cpp_extension
+
+            d = build_dir()
+            d.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name=_NAME, sources=[str(_SRC)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(d), is_python_module=False, verbose=False)
+            _register_fakes()
+            _STATUS = (True, "")
+        except Exception as e:  # a missing compiler must not break import; the caller logs the reason
+            _STATUS = (False, f"building {_SRC.name} failed ({type(e).__name__}: {str(e)[:300]})")
+        return _STATUS
+
+
+def available() -> bool:
+    return status()[0]
+
+
+def _register_fakes() -> None:
+    """Shape functions, so the ops trace under torch.compile (vLLM compiles the CPU model)."""
+
+    @torch.library.register_fake("gemma_mobile::packed_int_mm")
+    def _(xq, packed, bits, k):
+        return xq.new_empty((xq.shape[0], packed.shape[0]), dtype=torch.int32)
+
+    @torch.library.register_fake("gemma_mobile::packed_float_mm")
+    def _(x, packed, bits, k):
+        return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.float32)
+
+
+def _require() -> None:
+    if _STATUS is not None and _STATUS[0]:  # lock-free once loaded (also what torch.compile traces through)
+        return
+    ok, why = status()
+    if not ok:
+        raise RuntimeError(f"gemma_mobile packed CPU kernels unavailable: {why}")
+
+
+def int_mm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """Exact int32 ``xq[M, K] @ q[N, K]^T`` (xq int8, CPU) read from ``w.packed``."""
+    _require()
+    return torch.ops.gemma_mobile.packed_int_mm(xq, w.packed, w.bits, w.k)
+
+
+def float_mm(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """``f32(x)[M, K] @ q[N, K]^T`` in f32 (8-lane FMA partial sums, then a lane sum). Every product
+    x*q is exact in f32 (|q| <= 128, 8 significant bits); only the additions round, so
+    |result - exact| <= K * 2^-24 * sum_k |x_k q_k| (standard recursive-summation bound)."""
+    _require()
+    return torch.ops.gemma_mobile.packed_float_mm(x.to(torch.float32), w.packed, w.bits, w.k)
+
+
+if __name__ == "__main__":  # `python -m kernels.cpu_packed`: build once (make venv)
+    logging.basicConfig(level=logging.INFO)
+    ok, why = status()
+    print(f"{_NAME}: {'built/loaded at ' + str(build_dir()) if ok else 'NOT available: ' + why}")

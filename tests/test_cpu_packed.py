@@ -1,0 +1,126 @@
+"""`kernels.cpu_packed`: the AVX2 kernels that read the packed kgroup8 codes in place (the plugin's default CPU
+backend, ``packed``). Integer products are exact, so the int8-activation path must equal the reference bitwise;
+the weight-only path is checked against an f64 product with its derived f32 summation bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_packed, layout, ops, plugin, reference
+
+OK, WHY = cpu_packed.status()
+pytestmark = pytest.mark.skipif(not OK, reason=f"packed CPU kernels: {WHY}")
+
+SHAPES = [(1, 8, 32), (3, 13, 200), (1, 1536, 1536), (17, 64, 640), (5, 7, 12288), (2, 9, 257)]
+
+
+def _codes(n: int, k: int, bits: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
+    return torch.randint(lo, hi, (n, k), dtype=torch.int8, generator=g)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int_mm_exact(bits, m, n, k):
+    """Exact int32 dot products for every bit width, K not a multiple of the group, N not a multiple of the
+    4-row tile, M > 16 (the loop over activation rows)."""
+    q = _codes(n, k, bits, m * 1000 + n + k)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), (x.long() @ q.long().t()).int())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int_mm_extremes_do_not_saturate(bits):
+    """|x| = 128 against the most negative / positive codes over a long K: any int16 saturation in the
+    maddubs / madd chain (or a wrong offset correction) shows up here."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = torch.tensor([[lo] * 4096, [hi] * 4096, [lo, hi] * 2048, [0] * 4096], dtype=torch.int8)
+    for xv in (-128, 127):
+        x = torch.full((2, 4096), xv, dtype=torch.int8)
+        assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), (x.long() @ q.long().t()).int())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("m,n,k", SHAPES[:4])
+def test_float_mm_within_summation_bound(bits, m, n, k):
+    """f32 FMA accumulation: |y - exact| <= K * 2^-24 * sum|x q| (products are exact in f32)."""
+    q = _codes(n, k, bits, n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = cpu_packed.float_mm(x, layout.from_int(q, bits)).double()
+    exact = x.double() @ q.double().t()
+    bound = k * 2.0 ** -24 * (x.double().abs() @ q.double().abs().t())
+    assert bool(((y - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packed_linear_equals_reference_bitwise(bits):
+    """ops.linear(backend="packed") == the reference (torch._int_mm) bitwise: input quant, per-column output
+    scales, bias, int8 output."""
+    n, k = 96, 320
+    w, ws = layout.from_float(torch.randn(n, k), bits)
+    x = torch.randn(5, k, dtype=torch.bfloat16) * 3
+    so = torch.rand(n) * 0.05 + 0.01
+    bias = torch.randn(n)
+    for kw in ({}, {"output_scale": so, "bias": bias}, {"output_scale": so, "int8_out": True}):
+        ref = ops.linear(x, w, ws, 0.02, backend="torch", **kw)
+        got = ops.linear(x, w, ws, 0.02, backend="packed", **kw)
+        assert torch.equal(got, ref), kw
+
+
+def test_plugin_state_keeps_no_codes_and_matches_torch_backend():
+    """kernels.plugin on the packed backend keeps only the packed words (no int8 / bf16 copies), and its
+    linear / table outputs equal the torch backend's (weight-only lm_head: within the f32-vs-bf16 GEMM bound)."""
+    from kernels import bitpack
+
+    n, k, v = 64, 128, 512
+    q = _codes(n, k, 4, 1)
+    wp = bitpack.ct_pack(q, 4)
+    ws = torch.rand(n) * 0.01 + 0.001
+    sx, sy = torch.tensor([0.02, 0.02]), torch.tensor([0.05, 0.03])
+    st_p = plugin.prepare_linear(wp, ws, sx, sy, [32, 32], k, 4, "packed")
+    st_t = plugin.prepare_linear(wp, ws, sx, sy, [32, 32], k, 4, "torch")
+    assert all(w.codes is None for w in st_p.packed) and all(w.codes is not None for w in st_t.packed)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    assert torch.equal(plugin.linear_apply(st_p, x), plugin.linear_apply(st_t, x))
+
+    tq = _codes(v, k, 2, 2)
+    tws = torch.rand(v) * 0.01 + 0.001
+    tp = plugin.prepare_table(bitpack.ct_pack(tq, 2), tws, 2, k, "packed", head_scales=(0.03, 0.2))
+    tt = plugin.prepare_table(bitpack.ct_pack(tq, 2), tws, 2, k, "torch", head_scales=(0.03, 0.2))
+    assert tp.packed.codes is None
+    ids = torch.tensor([0, 5, 511, 5])
+    assert torch.equal(plugin.table_embedding(tp, ids, torch.bfloat16), plugin.table_embedding(tt, ids, torch.bfloat16))
+    assert torch.equal(plugin.table_lm_head(tp, x, True), plugin.table_lm_head(tt, x, True))
+    # weight-only lm_head: packed accumulates x*q in f32 (bound above); the torch backend's bf16 GEMM rounds its
+    # output to bf16 (2^-8 relative) before the f32 scale, and the result is cast to bf16 (2^-8 relative): the
+    # two agree within 2 bf16 ulps of |y| plus the f32 summation bound.
+    yp = plugin.table_lm_head(tp, x, False).float()
+    yt = plugin.table_lm_head(tt, x, False).float()
+    exact_abs = (x.double().abs() @ tq.double().abs().t()).float() * tws
+    assert bool(((yp - yt).abs() <= 2 * 2 ** -8 * yt.abs() + k * 2 ** -24 * exact_abs + 1e-30).all())
+
+
+def test_ops_trace_under_torch_compile():
+    """vLLM compiles the CPU model: the ops need shape functions (register_fake) to be traced, not to break."""
+    w, ws = layout.from_float(torch.randn(48, 64), 4)
+
+    def f(x):
+        return reference.linear(x, w, ws, 0.05, 0.1, check_values=False, packed_cpu=True)
+
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_bad_arguments_are_refused():
+    w = layout.from_int(_codes(8, 64, 4, 0), 4)
+    with pytest.raises(RuntimeError, match="bits must be 2, 4 or 8"):
+        torch.ops.gemma_mobile.packed_int_mm(torch.zeros(1, 64, dtype=torch.int8), w.packed, 3, 64)
+    with pytest.raises(RuntimeError, match="words per row"):
+        torch.ops.gemma_mobile.packed_int_mm(torch.zeros(1, 200, dtype=torch.int8), w.packed, 4, 200)
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.gemma_mobile.packed_int_mm(torch.zeros(1, 64), w.packed, 4, 64)
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        ops.select_backend(torch.device("cuda"), "packed")
