@@ -32,7 +32,7 @@ $(VENV)/.installed: requirements/cpu.lock pyproject.toml $(VLLM_ALIAS)/pyproject
 # The packed-weight AVX2 CPU kernels (kernels/cpu_packed.cpp), built once into $(CACHE)/torch_ext with the
 # pinned torch + ninja; the plugin builds them on first use otherwise (torch rebuilds when the source changes).
 ext: $(VENV)/.installed
-	$(BIN)/python -m kernels.cpu_packed
+	$(BIN)/python -c 'from kernels.cpu_packed import main; main()'
 
 base: ext
 	$(BIN)/gemma-mobile base gemma3-270m --out $(BASE)

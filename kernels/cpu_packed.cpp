@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -139,7 +140,89 @@ inline void dot_float(const uint8_t* w, int64_t rb, const float* xp, int64_t ngr
   for (int r = 0; r < NR; ++r) res[r] = hsum_ps(acc[r]);
 }
 
-constexpr int kNR = 4;  // output rows per tile (shares each activation load among 4 weight rows)
+// One weight row . MR activation rows (M > 1: the row's codes are unpacked once per group and reused MR times).
+template <int BITS, int MR>
+inline void dot_int_m(const uint8_t* w, const int8_t* xp, int64_t kp, int64_t ngroups, int32_t* res) {
+  constexpr int FPB = 8 / BITS;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_si256();
+  if constexpr (BITS == 8) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + g * kGroupBytes)), flip);
+      const __m256i wlo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+      const __m256i whi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+      for (int i = 0; i < MR; ++i) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xp + i * kp + g * 32));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_add_epi32(
+            _mm256_madd_epi16(wlo, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv))),
+            _mm256_madd_epi16(whi, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1)))));
+      }
+    }
+  } else {
+    const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + g * kGroupBytes));
+      __m256i u[FPB];
+      for (int p = 0; p < FPB; ++p) u[p] = _mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask);
+      for (int i = 0; i < MR; ++i) {
+        const int8_t* xg = xp + i * kp + g * (FPB * 32);
+        __m256i s16 = _mm256_maddubs_epi16(u[0], _mm256_loadu_si256((const __m256i*)xg));
+        for (int p = 1; p < FPB; ++p)
+          s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(u[p], _mm256_loadu_si256((const __m256i*)(xg + p * 32))));
+        acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(s16, ones));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) res[i] = hsum_epi32(acc[i]);
+}
+
+template <int BITS, int MR>
+inline void dot_float_m(const uint8_t* w, const float* xp, int64_t kp, int64_t ngroups, float* res) {
+  constexpr int FPB = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
+  const __m256i off = _mm256_set1_epi8((char)(1 << (BITS - 1)));
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + g * kGroupBytes));
+    for (int p = 0; p < FPB; ++p) {
+      __m256i q;
+      if constexpr (BITS == 8) q = _mm256_xor_si256(v, off);
+      else q = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask), off);
+      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+      for (int i = 0; i < MR; ++i) {
+        const float* xg = xp + i * kp + g * (FPB * 32) + p * 32;
+        acc[i] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xg), acc[i]);
+        acc[i] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xg + 8), acc[i]);
+        acc[i] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xg + 16), acc[i]);
+        acc[i] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xg + 24), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) res[i] = hsum_ps(acc[i]);
+}
+
+constexpr int kMR = 8;  // activation rows per tile when M > 1
+
+// res[0..mr) for 1 <= mr <= kMR (the remainder of M)
+template <int BITS, typename X, typename R>
+inline void dot_m_dispatch(const uint8_t* w, const X* xp, int64_t kp, int64_t ng, int64_t mr, R* res) {
+#define GM_CASE(MR_)                                                            \
+  case MR_:                                                                     \
+    if constexpr (std::is_same_v<X, float>) dot_float_m<BITS, MR_>(w, xp, kp, ng, res); \
+    else dot_int_m<BITS, MR_>(w, xp, kp, ng, res);                              \
+    break;
+  switch (mr) { GM_CASE(1) GM_CASE(2) GM_CASE(3) GM_CASE(4) GM_CASE(5) GM_CASE(6) GM_CASE(7) default: GM_CASE(8) }
+#undef GM_CASE
+}
+
+constexpr int kNR = 4;  // output rows per tile when M == 1 (shares each activation load among 4 weight rows)
 
 void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int64_t k, at::ScalarType xdt) {
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "gemma_mobile packed kernels: bits must be 2, 4 or 8, got ", bits);
@@ -158,6 +241,18 @@ void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, c
                  int32_t* out) {
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
   const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
+  if (m > 1) {
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      int32_t res[kMR];
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+          const int64_t mr = std::min<int64_t>(kMR, m - i0);
+          dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
+          for (int64_t i = 0; i < mr; ++i) out[(i0 + i) * n + r] = res[i] - off * xsum[i0 + i];
+        }
+    });
+    return;
+  }
   const int64_t tiles = (n + kNR - 1) / kNR;
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     int32_t res[kNR];
@@ -176,6 +271,18 @@ void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, c
 template <int BITS>
 void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, float* out) {
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
+  if (m > 1) {
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      float res[kMR];
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+          const int64_t mr = std::min<int64_t>(kMR, m - i0);
+          dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
+          for (int64_t i = 0; i < mr; ++i) out[(i0 + i) * n + r] = res[i];
+        }
+    });
+    return;
+  }
   const int64_t tiles = (n + kNR - 1) / kNR;
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     float res[kNR];

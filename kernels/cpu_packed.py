@@ -7,7 +7,7 @@ not the reference's bf16 GEMM (which also rounds its output to bf16), see ``floa
 
 Built once per machine with torch's C++ extension builder (ninja, g++; pinned through the lock) into
 ``$GEMMA_MOBILE_CACHE/torch_ext`` (default ``~/.cache/vllm-gemma-mobile/torch_ext``); later loads reuse the
-build (torch rebuilds when the source or flags change). ``python -m kernels.cpu_packed`` builds it.
+build (torch rebuilds when the source or flags change). ``make ext`` builds it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def float_mm(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     return torch.ops.gemma_mobile.packed_float_mm(x.to(torch.float32), w.packed, w.bits, w.k)
 
 
-if __name__ == "__main__":  # `python -m kernels.cpu_packed`: build once (make venv)
+def main() -> None:
+    """Build (or load) once and say where (`make ext`)."""
     logging.basicConfig(level=logging.INFO)
     ok, why = status()
     print(f"{_NAME}: {'built/loaded at ' + str(build_dir()) if ok else 'NOT available: ' + why}")
