@@ -29,6 +29,55 @@ def checkpoint_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+GOOGLE_TOWERS = ("model.vision_tower", "model.audio_tower", "model.embed_vision", "model.embed_audio")
+
+
+def google_multimodal(text_dir: str | Path, out: str | Path, *, seed: int = 0) -> Path:
+    """Google's `Gemma4ForConditionalGeneration` wrapper of the Google-layout Gemma 4 TEXT checkpoint `text_dir`.
+
+    The text part is `text_dir`'s tensors, byte for byte, under the nested names (`model.X` ->
+    `model.language_model.X`; `lm_head` stays); the tiny random vision / audio towers and their embedders
+    (`models.tiny.tiny_gemma4_multimodal_config`) are stored in float, and `quantization_config` is `text_dir`'s
+    with every pattern re-anchored at `model.language_model.` and the towers in `modules_to_not_convert` (as
+    prefixes: transformers' `should_convert_module` skips everything below them)."""
+    from safetensors.torch import save_file
+    from transformers import Gemma4ForConditionalGeneration
+
+    from vllm_gemma_mobile.models.tiny import tiny_gemma4_multimodal_config
+
+    text_dir, out = Path(text_dir), Path(out)
+    cfg = json.loads((text_dir / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    if qc.get("quant_method") != "gemma":
+        raise ValueError(f"{text_dir}: not a Google-layout (quant_method 'gemma') checkpoint")
+    mm = tiny_gemma4_multimodal_config(cfg)
+    torch.manual_seed(seed)
+    towers = {k: v for k, v in Gemma4ForConditionalGeneration(mm).to(torch.bfloat16).state_dict().items()
+              if k.startswith(tuple(t + "." for t in GOOGLE_TOWERS))}
+
+    def nest(pattern: str) -> str:
+        if pattern.startswith(r"^model\."):
+            return r"^model\.language_model\." + pattern[len(r"^model\."):]
+        if pattern.startswith(r"^lm_head"):
+            return pattern
+        raise ValueError(f"{text_dir}: pattern {pattern!r} is not anchored at a module name of the text model")
+
+    qc["module_quant_configs"] = {nest(p): v for p, v in (qc.get("module_quant_configs") or {}).items()}
+    qc["modules_to_not_convert"] = [nest(p) for p in qc.get("modules_to_not_convert") or []] + list(GOOGLE_TOWERS)
+    text = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+            for k, v in checkpoint_tensors(text_dir).items()}
+    config = {**mm.to_dict(), "architectures": ["Gemma4ForConditionalGeneration"], "dtype": "bfloat16",
+              "quantization_config": qc}
+    out.mkdir(parents=True, exist_ok=True)
+    for f in text_dir.iterdir():
+        if f.is_file() and f.name != "config.json" and not f.name.startswith("model.safetensors"):
+            shutil.copy(f, out / f.name)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in sorted({**text, **towers}.items())}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
 LINEAR_RE = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 QMAX = {2: 1, 4: 7, 8: 127}
 

@@ -44,6 +44,26 @@ def tiny_gemma4_config(vocab_size: int = 1024, layers: int = 6, hidden: int = 64
     )
 
 
+def tiny_gemma4_multimodal_config(text_config, vocab_size: int | None = None):
+    """`Gemma4Config` (the `Gemma4ForConditionalGeneration` wrapper Google ships) around the Gemma 4 text config
+    `text_config` (a `Gemma4TextConfig` or its dict), with tiny vision and audio towers (one layer each) and the
+    special token ids moved into the tiny vocabulary (its last ids)."""
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
+
+    if isinstance(text_config, dict):
+        text_config = Gemma4TextConfig(**{k: v for k, v in text_config.items()
+                                          if k not in ("architectures", "quantization_config", "model_type")})
+    vocab = vocab_size or text_config.vocab_size
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, position_embedding_size=64)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              subsampling_conv_channels=[8, 4], output_proj_dims=32)
+    ids = dict(zip(("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id", "boa_token_id",
+                    "eoa_token_index", "audio_token_id"), range(vocab - 7, vocab)))
+    return Gemma4Config(text_config=text_config, vision_config=vision, audio_config=audio,
+                        tie_word_embeddings=text_config.tie_word_embeddings, **ids)
+
+
 def tiny_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE tokenizer of exactly `vocab_size` ids (<unusedN> fillers, as in Gemma) with Gemma's special ids (pad 0, eos 1, bos 2; BOS added by default),
     trained deterministically on a small built-in English text; any text encodes (byte fallback)."""
