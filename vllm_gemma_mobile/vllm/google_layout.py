@@ -10,7 +10,9 @@ are served from identical tensors by construction:
   quantization-config hook on the weight stream) so that, for a Google directory, it yields the translated
   tensors (`weight` uint8 -> `weight_packed` int32 + `weight_shape`, `*_activation_scale` -> `input_scale` /
   `output_scale`, `embedding_quantized` / `embedding_scale`, `k_cache_scale` / `v_cache_scale` -> `k_scale` /
-  `v_scale`); every other checkpoint goes through vLLM's loader untouched.
+  `v_scale`); tensors the model's own `hf_to_vllm_mapper` drops (the towers of a `Gemma4ForConditionalGeneration`
+  checkpoint, served as its text model: multimodal.py) are skipped unread; every other checkpoint goes through
+  vLLM's loader untouched.
 - lm_head: Google stores it beside a byte-identical `embed_tokens` (checked by the converter; anything else is a
   load error) with `tie_word_embeddings: false`; the plugin serves it from the embedding's table (ONE copy in
   memory) with the lm_head's own static input / output scales (`config.GemmaMobileConfig.get_quant_method`).
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 import logging
 
 import torch
@@ -53,15 +55,21 @@ def translated_config(path: str | Path) -> dict[str, Any]:
     return config["quantization_config"]
 
 
-def translated_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of the Google directory PATH in our layout (HF names), as `gemma-mobile convert` writes them."""
-    from vllm_gemma_mobile.convert import google_to_ct
-
-    from vllm_gemma_mobile.convert import Deferred
+def translated_weights(path: str | Path, keep: Callable[[str], bool] | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the Google directory PATH in our layout (HF names), as `gemma-mobile convert` writes them;
+    names for which `keep` is false (what the served model drops, e.g. a multimodal checkpoint's towers when its
+    text model is served, multimodal.py) are never read."""
+    from vllm_gemma_mobile.convert import Deferred, google_to_ct
 
     _, tensors = google_to_ct(Path(path), lazy=True)
+    skipped = sorted(n for n in tensors if keep is not None and not keep(n))
+    for name in skipped:
+        tensors.pop(name)
     logger.info("gemma_mobile: %s: Google layout translated to the compressed-tensors contract (%d tensors, "
-                "repacked one at a time while loading)", path, len(tensors))
+                "repacked one at a time while loading)%s", path, len(tensors),
+                f"; {len(skipped)} tensors not part of the served model skipped, unread "
+                f"({', '.join(sorted({'.'.join(n.split('.')[:2]) for n in skipped}))})" if skipped else "")
     for name in sorted(tensors):
         v = tensors.pop(name)
         yield name, (v() if isinstance(v, Deferred) else v)
@@ -82,7 +90,9 @@ def install() -> None:
             # vLLM's own iterator starts this clock (its "Loading weights took" log line reads it)
             if getattr(self, "counter_before_loading_weights", 0.0) == 0.0:
                 self.counter_before_loading_weights = time.perf_counter()
-            yield from translated_weights(model_config.model)
+            mapper = getattr(model, "hf_to_vllm_mapper", None)  # vLLM's own rule for what the model drops
+            yield from translated_weights(model_config.model,
+                                          None if mapper is None else lambda n: mapper.map_name(n) is not None)
             return
         yield from orig(self, model_config, model)
 

@@ -316,19 +316,21 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
             if i not in sharing and b is None and quantized_kv:
                 raise CheckpointError(f"quantization_config.gemma_mobile.kv_cache.layer_bits[{i}] = null: layer {i} "
                                       "owns a KV cache")
+    by_text_name = {text_module_name(k): k for k in headers}  # `layers.i...` -> its name in this checkpoint
+    prefix = "model.language_model." if any(k.startswith("model.language_model.") for k in headers) else "model."
     for i, src in sharing.items():
         for s in ("k_scale", "v_scale"):
-            for tname in (f"model.layers.{i}.self_attn.{s}", f"model.language_model.layers.{i}.self_attn.{s}"):
-                if tname in headers:
-                    raise CheckpointError(f"{tname}: layer {i} is KV-shared (reads layer {src}'s cache and scales); "
-                                          "it must not carry KV scales of its own")
+            if (tname := by_text_name.get(f"layers.{i}.self_attn.{s}")) is not None:
+                raise CheckpointError(f"{tname}: layer {i} is KV-shared (reads layer {src}'s cache and scales); "
+                                      "it must not carry KV scales of its own")
     for i, b in enumerate(layer_bits or []):
         if b is None:
             continue
         for s in ("k_scale", "v_scale"):
-            tname = f"model.layers.{i}.self_attn.{s}"
-            if tname not in headers:
-                raise CheckpointError(f"{tname}: missing (gemma_mobile.kv_cache.layer_bits[{i}] = {b})")
+            tname = by_text_name.get(f"layers.{i}.self_attn.{s}")
+            if tname is None:
+                raise CheckpointError(f"{prefix}layers.{i}.self_attn.{s}: missing "
+                                      f"(gemma_mobile.kv_cache.layer_bits[{i}] = {b})")
             v = float(load(tname).float().reshape(-1)[0])
             if not _scalar_ok(v):
                 raise CheckpointError(f"{tname} = {v}: KV scales must be finite and > 0")
