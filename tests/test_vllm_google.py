@@ -17,7 +17,13 @@ What is checked:
    both sides: transformers ignores the KV scales): the same derived tolerance as tests/test_vllm_gemma4.py (mean
    |log-prob difference| <= 1.5x the oracle's own bf16-vs-f32 spread), and a negative control showing that
    dropping the lm_head clamps moves the oracle by more than that bound;
-4. bad Google inputs fail at start (the config translation vLLM runs before loading) naming the tensor/pattern.
+4. bad Google inputs fail at start (the config translation vLLM runs before loading) naming the tensor/pattern;
+5. the same text checkpoint wrapped as Google ships Gemma 4 (`Gemma4ForConditionalGeneration`: nested
+   `model.language_model.*` names, float vision / audio towers in `modules_to_not_convert`,
+   `fixtures_ckpt.google_multimodal`): transformers' `gemma_quant` loads it (the oracle: its log-probs equal the
+   text checkpoint's), the plugin serves it as its text model (vllm/multimodal.py) with tokens and log-probs
+   EQUAL to the text directory's, and `convert --to ct` keeps the wrapper (towers byte for byte, lossless round
+   trip) and serves the same tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures_ckpt import checkpoint_tensors, teacher_forced  # noqa: E402
+from fixtures_ckpt import GOOGLE_TOWERS, checkpoint_tensors, google_multimodal, teacher_forced  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection below
@@ -239,6 +245,75 @@ def test_upstream_ct_conversion_served_with_bf16_kv_and_a_warning(ct_twin, tmp_p
     assert got["info"]["quantization"] == "gemma_mobile"
     assert all(kv["bits"] is None for kv in got["info"]["describe"]["kv"])
     assert got["outputs"] == _serve(ours, tmp_path, kv="bf16")["outputs"]
+
+
+# ------------------------------------------------------------------- multimodal wrapper (Gemma4ForConditionalGeneration)
+
+@pytest.fixture(scope="module")
+def google_mm(google, tmp_path_factory) -> Path:
+    """`google`'s text checkpoint as Google ships Gemma 4: the multimodal wrapper with float towers."""
+    return google_multimodal(google, tmp_path_factory.mktemp("google") / "google_mm")
+
+
+def test_multimodal_wrapper_is_read_by_transformers(google, google_mm, served_google):
+    """The oracle: transformers' own `gemma_quant` loader reads the wrapper completely (text layers quantized,
+    towers float) and, on text, computes exactly what it computes for the text-only directory."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.integrations.gemma_quant import QuantizedEmbedding, QuantizedLinear
+
+    mm, info = AutoModelForImageTextToText.from_pretrained(google_mm, dtype=torch.bfloat16, output_loading_info=True)
+    assert type(mm).__name__ == "Gemma4ForConditionalGeneration"
+    assert not any(info.values()), info  # no missing / unexpected / mismatched tensor
+    quantized = {n for n, m in mm.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    text = AutoModelForCausalLM.from_pretrained(google, dtype=torch.bfloat16).eval()
+    assert quantized == {n if n == "lm_head" else "model.language_model." + n[len("model."):]
+                         for n, m in text.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    towers = [n for n, m in mm.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(GOOGLE_TOWERS)]
+    assert towers and not any(isinstance(mm.get_submodule(n), QuantizedLinear) for n in towers)
+    seqs = [r["prompt"] + r["tokens"] for r in served_google["outputs"][:2]]
+    assert teacher_forced(mm.eval(), seqs) == teacher_forced(text, seqs)
+
+
+def test_multimodal_wrapper_claims_text_architecture(google, google_mm, tmp_path):
+    """The rule (vllm/multimodal.py): only a multimodal wrapper that the plugin claims is switched."""
+    from transformers import AutoConfig
+
+    from vllm_gemma_mobile.vllm.multimodal import text_architecture
+
+    assert text_architecture(AutoConfig.from_pretrained(google_mm)) == "Gemma4ForCausalLM"
+    assert text_architecture(AutoConfig.from_pretrained(google)) is None  # already the text class
+    plain = tmp_path / "bf16-mm"
+    plain.mkdir()
+    c = json.loads((google_mm / "config.json").read_text())
+    c.pop("quantization_config")
+    (plain / "config.json").write_text(json.dumps(c))
+    assert text_architecture(AutoConfig.from_pretrained(plain)) is None  # not ours: vLLM decides
+
+
+def test_multimodal_wrapper_served_equal_to_text_checkpoint(google_mm, served_google, tmp_path):
+    logs: list[str] = []
+    got = _serve(google_mm, tmp_path, log=logs)
+    assert "Gemma4ForConditionalGeneration served as its text model (vLLM's Gemma4ForCausalLM): its towers " \
+           "(vision, audio)" in logs[0]
+    assert "skipped, unread (model.audio_tower, model.embed_audio, model.embed_vision, model.vision_tower)" in logs[0]
+    assert got["info"] == served_google["info"]  # same layers, bits, backends, lm_head scales, KV caches and scales
+    assert got["outputs"] == served_google["outputs"]
+
+
+def test_multimodal_wrapper_ct_conversion(google_mm, served_google, tmp_path):
+    """`convert --to ct` keeps what a user converts: the wrapper, its towers byte for byte (float), the text
+    model translated exactly as for the text-only directory; lossless back to Google's layout; served the same."""
+    from vllm_gemma_mobile.convert import convert
+
+    ct = convert(google_mm, tmp_path / "mm-ct", to="ct")
+    cfg = json.loads((ct / "config.json").read_text())
+    assert cfg["architectures"] == ["Gemma4ForConditionalGeneration"] and "vision_config" in cfg
+    src, got = checkpoint_tensors(google_mm), checkpoint_tensors(ct)
+    towers = {k for k in src if k.startswith(GOOGLE_TOWERS)}
+    assert towers and all(got[k].dtype == src[k].dtype and torch.equal(got[k], src[k]) for k in towers)
+    back = checkpoint_tensors(convert(ct, tmp_path / "mm-google", to="google"))
+    assert set(back) == set(src) and all(back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]) for k in src)
+    assert _serve(ct, tmp_path)["outputs"] == served_google["outputs"]
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

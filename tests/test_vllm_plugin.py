@@ -60,6 +60,10 @@ def test_register_is_idempotent_and_claims_only_marked_checkpoints():
     assert cls.override_quantization_method(plain, None) is None
     assert cls.override_quantization_method(ours, "compressed-tensors") is None  # explicit user choice wins
     assert not hasattr(cls, "kv_cache_scheme")  # would switch Attention to an fp8 cache
+    import vllm.config.model as model_config  # multimodal.py's hook: wrapped once
+
+    assert getattr(model_config.get_config, "_gemma_mobile_text_only", False)
+    assert not getattr(model_config.get_config.__wrapped__, "_gemma_mobile_text_only", False)
 
 
 # ------------------------------------------------------------------ CPU ops
