@@ -56,6 +56,7 @@ def linear(
     int8_out: bool = False,
     kernel: Optional[str] = None,
     config: Optional[dict] = None,
+    check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Quantized linear ``x[..., K] @ (q * weight_scale)^T -> [..., N]`` (wNa8o8 contract numerics).
 
@@ -66,10 +67,12 @@ def linear(
     - ``int8_out=True``: return the int8 output codes (feed them to the next linear with
       ``input_scale=output_scale``). ``out_dtype`` defaults to x's dtype (bf16 for an int8 x).
     - ``kernel`` (``"gemv"``/``"gemm"``) and ``config`` (fixed Triton meta-parameters) are for tests/benches.
-    Scale *values* (finite, > 0) are checked on CPU; on CUDA check them once at load (``check_scale_values``).
+    Scale *values* (finite, > 0) are checked on CPU unless ``check_values=False`` (callers that validated them once
+    at load, like the vLLM plugin: the per-call check is data-dependent and cannot be traced by torch.compile);
+    on CUDA check them once at load (``check_scale_values``).
     """
     be = select_backend(x.device, backend)
-    check = x.device.type == "cpu"
+    check = x.device.type == "cpu" if check_values is None else check_values
     if be in ("torch", "packed"):
         return reference.linear(x, w, weight_scale, input_scale, output_scale, bias, out_dtype, int8_out, check,
                                 packed_cpu=be == "packed")
@@ -101,11 +104,12 @@ def embedding(
     weight_scale: torch.Tensor,
     backend: Optional[str] = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    check_values: Optional[bool] = None,
 ) -> torch.Tensor:
     """Quantized embedding rows ``E[t] = q[t] * weight_scale[t]`` -> ``[*ids.shape, K]`` in ``out_dtype``
     (Gemma's ``* sqrt(hidden)`` stays in the model code)."""
     be = select_backend(ids.device, backend)
-    check = ids.device.type == "cpu"
+    check = ids.device.type == "cpu" if check_values is None else check_values
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"out_dtype must be float32/bfloat16/float16, got {out_dtype}")
     if be in ("torch", "packed"):  # packed: rows unpacked from the packed table (no codes cached)

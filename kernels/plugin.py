@@ -74,6 +74,11 @@ def prepare_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor, inpu
     codes are cached once (``torch._int_mm`` reads codes, not the packed words); ``packed`` (``kernels.cpu_packed``)
     and ``triton`` read the packed words in place."""
     ws = weight_scale.reshape(-1).to(torch.float32)
+    # scale values are validated here, once: the apply functions skip the per-call check (torch.compile)
+    ops.check_scale_values("weight_scale", ws)
+    ops.check_scale_values("input_scale", input_scale)
+    if output_scale is not None:
+        ops.check_scale_values("output_scale", output_scale)
     groups = input_scale_groups(input_scale.to(torch.float32), shards)
     packed = [from_compressed_tensors(weight_packed[a:b].contiguous(), bits, (b - a, k)) for a, b, _ in groups]
     if backend == "torch" and weight_packed.device.type == "cpu":
@@ -92,7 +97,7 @@ def linear_apply(st: LinearState, x2: torch.Tensor, bias: Optional[torch.Tensor]
     outs = []
     for i, (a, b, _) in enumerate(st.groups):
         oscale = None if osc is None else (osc if osc.ndim == 0 else osc[a:b])
-        outs.append(ops.linear(x2, st.packed[i], st.wscale[i], st.sx[i], oscale,
+        outs.append(ops.linear(x2, st.packed[i], st.wscale[i], st.sx[i], oscale, check_values=False,
                                bias=None if bias is None else bias[a:b], backend=st.backend))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     return out.to(x2.dtype)
@@ -100,7 +105,8 @@ def linear_apply(st: LinearState, x2: torch.Tensor, bias: Optional[torch.Tensor]
 
 def linear_partial(st: LinearState, x2: torch.Tensor) -> torch.Tensor:
     """Row-parallel rank: f32 ``y`` of this rank's K slice (no bias, no output requant) for the all-reduce."""
-    ys = [ops.linear(x2, st.packed[i], st.wscale[i], st.sx[i], None, out_dtype=torch.float32, backend=st.backend)
+    ys = [ops.linear(x2, st.packed[i], st.wscale[i], st.sx[i], None, out_dtype=torch.float32, backend=st.backend,
+                     check_values=False)
           for i in range(len(st.groups))]
     return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
@@ -134,6 +140,7 @@ def prepare_table(weight_packed: torch.Tensor, weight_scale: torch.Tensor, bits:
     CPU ``torch`` backend: codes cached once (int8 for the int8-activation lm_head, else exact ``act_dtype``
     integers for the weight-only one), instead of unpacking the table on every token."""
     ws = weight_scale.reshape(-1).to(torch.float32).contiguous()
+    ops.check_scale_values("weight_scale", ws)  # once, at load (see prepare_linear)
     packed = from_compressed_tensors(weight_packed, bits, (ws.numel(), k))
     if backend == "torch" and weight_packed.device.type == "cpu":
         packed.with_codes(torch.int8 if head_scales is not None else act_dtype)
@@ -142,19 +149,23 @@ def prepare_table(weight_packed: torch.Tensor, weight_scale: torch.Tensor, bits:
         hx, hy = head_scales
         sx = None if hx is None else torch.tensor(hx, dtype=torch.float32, device=ws.device)
         sy = None if hy is None else torch.tensor(hy, dtype=torch.float32, device=ws.device)
+        for name, v in (("lm_head input_scale", sx), ("lm_head output_scale", sy)):
+            if v is not None:
+                ops.check_scale_values(name, v)
     return TableState(packed=packed, scale=ws, head_sx=sx, head_sy=sy, backend=backend)
 
 
 def table_embedding(st: TableState, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``E[t] = q[t] * scale[t]`` (f32 product, cast once) -> ``[len(ids), K]`` (Gemma's normalizer not here)."""
-    return ops.embedding(ids.reshape(-1), st.packed, st.scale, backend=st.backend, out_dtype=dtype)
+    return ops.embedding(ids.reshape(-1), st.packed, st.scale, backend=st.backend, out_dtype=dtype,
+                         check_values=False)
 
 
 def table_lm_head(st: TableState, x2: torch.Tensor, quantized_head: bool) -> torch.Tensor:
     """Logits ``[M, V]`` in x2's dtype: weight-only ``x @ (q * scale)^T``, or with the lm_head's static scales
     the wNa8o8 int8-activation GEMM (``quantized_head``)."""
     sx, sy = (st.head_sx, st.head_sy) if quantized_head else (None, None)
-    return ops.linear(x2, st.packed, st.scale, sx, sy, bias=None, backend=st.backend).to(x2.dtype)
+    return ops.linear(x2, st.packed, st.scale, sx, sy, bias=None, backend=st.backend, check_values=False).to(x2.dtype)
 
 
 # ------------------------------------------------------------------ gather-only table (per-layer embeddings)
