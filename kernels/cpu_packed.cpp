@@ -17,6 +17,7 @@
 // in one register, for k = g*GK + (i*(8/b) + p)*8 + w at byte position w*4 + i: the activations are permuted
 // once per call into that order (`permute_row`), after which every load is contiguous.
 //
+// (The float path reads the same words as 8 int32 lanes instead, with x in natural order: see dot_float.)
 // Integer path: 2/4-bit codes stay unsigned u = q + off (off = 2^(b-1)), `maddubs(u, x)` forms
 // u0*x0 + u1*x1 in int16 (|.| <= 2*15*128 = 3840, no saturation; the planes of one group are summed in int16:
 // <= 2 planes * 3840 (int4), 4 * 768 (int2), both < 32767), `madd(., 1)` widens to int32, and
@@ -27,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -111,29 +113,27 @@ inline void dot_int(const uint8_t* w, int64_t rb, const int8_t* xp, int64_t ngro
   for (int r = 0; r < NR; ++r) res[r] = hsum_epi32(acc[r]);
 }
 
-// NR rows . one permuted f32 activation row -> NR f32 sums of q*x (signed codes, FMA per 8 lanes).
+// Float path: the kgroup8 words are used as 8 int32 lanes: lane w of group g holds, in field j, the code of
+// k = g*GK + j*8 + w, so `(words >> j*b) & mask` gives 8 codes for 8 CONSECUTIVE k (x in its natural order,
+// only zero-padded) -- no byte shuffles, one shift / and / sub / convert / FMA per 8 codes.
+// NR rows (w: first row, row stride rb bytes) . one f32 activation row -> NR f32 sums of q*x.
 template <int BITS, int NR>
-inline void dot_float(const uint8_t* w, int64_t rb, const float* xp, int64_t ngroups, float* res) {
-  constexpr int FPB = 8 / BITS;
-  const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
-  const __m256i off = _mm256_set1_epi8((char)(1 << (BITS - 1)));
+inline void dot_float(const uint8_t* w, int64_t rb, const float* x, int64_t ngroups, float* res) {
+  constexpr int FPW = 32 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256i off = _mm256_set1_epi32(1 << (BITS - 1));
   __m256 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ngroups; ++g) {
-    const float* xg = xp + g * (FPB * 32);
-    for (int p = 0; p < FPB; ++p) {
-      const __m256 x0 = _mm256_loadu_ps(xg + p * 32), x1 = _mm256_loadu_ps(xg + p * 32 + 8);
-      const __m256 x2 = _mm256_loadu_ps(xg + p * 32 + 16), x3 = _mm256_loadu_ps(xg + p * 32 + 24);
+    __m256i v[NR];
+    for (int r = 0; r < NR; ++r) v[r] = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * kGroupBytes));
+    const float* xg = x + g * (FPW * kWG);
+#pragma GCC unroll 16
+    for (int j = 0; j < FPW; ++j) {
+      const __m256 xv = _mm256_loadu_ps(xg + j * kWG);
       for (int r = 0; r < NR; ++r) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * rb + g * kGroupBytes));
-        __m256i q;  // signed codes
-        if constexpr (BITS == 8) q = _mm256_xor_si256(v, off);
-        else q = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask), off);
-        const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), x0, acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), x1, acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), x2, acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), x3, acc[r]);
+        const __m256i q = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v[r], j * BITS), mask), off);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), xv, acc[r]);
       }
     }
   }
@@ -179,30 +179,19 @@ inline void dot_int_m(const uint8_t* w, const int8_t* xp, int64_t kp, int64_t ng
 }
 
 template <int BITS, int MR>
-inline void dot_float_m(const uint8_t* w, const float* xp, int64_t kp, int64_t ngroups, float* res) {
-  constexpr int FPB = 8 / BITS;
-  const __m256i mask = _mm256_set1_epi8((char)((1 << BITS) - 1));
-  const __m256i off = _mm256_set1_epi8((char)(1 << (BITS - 1)));
+inline void dot_float_m(const uint8_t* w, const float* x, int64_t kp, int64_t ngroups, float* res) {
+  constexpr int FPW = 32 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const __m256i off = _mm256_set1_epi32(1 << (BITS - 1));
   __m256 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < ngroups; ++g) {
     const __m256i v = _mm256_loadu_si256((const __m256i*)(w + g * kGroupBytes));
-    for (int p = 0; p < FPB; ++p) {
-      __m256i q;
-      if constexpr (BITS == 8) q = _mm256_xor_si256(v, off);
-      else q = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, p * BITS), mask), off);
-      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-      for (int i = 0; i < MR; ++i) {
-        const float* xg = xp + i * kp + g * (FPB * 32) + p * 32;
-        acc[i] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(xg), acc[i]);
-        acc[i] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xg + 8), acc[i]);
-        acc[i] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(xg + 16), acc[i]);
-        acc[i] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xg + 24), acc[i]);
-      }
+#pragma GCC unroll 16
+    for (int j = 0; j < FPW; ++j) {
+      const __m256 c = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(v, j * BITS), mask), off));
+      const float* xg = x + g * (FPW * kWG) + j * kWG;
+      for (int i = 0; i < MR; ++i) acc[i] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xg + i * kp), acc[i]);
     }
   }
   for (int i = 0; i < MR; ++i) res[i] = hsum_ps(acc[i]);
@@ -329,8 +318,8 @@ at::Tensor packed_float_mm(const at::Tensor& x_in, const at::Tensor& packed_in, 
   const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();
   const int64_t m = x.size(0), n = packed.size(0), gk = codes_per_group((int)bits);
   const int64_t kp = (k + gk - 1) / gk * gk;
-  std::vector<float> xp(m * kp);
-  for (int64_t i = 0; i < m; ++i) permute_row<float>(x.data_ptr<float>() + i * k, k, xp.data() + i * kp, kp, (int)bits);
+  std::vector<float> xp(m * kp, 0.0f);  // natural order, zero-padded to kp (see dot_float)
+  for (int64_t i = 0; i < m; ++i) std::copy(x.data_ptr<float>() + i * k, x.data_ptr<float>() + (i + 1) * k, xp.data() + i * kp);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
