@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -225,9 +226,10 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int
               kp * bits / 32, " for K=", k, " at ", bits, " bits");
 }
 
-template <int BITS>
+// The tiled loops, storing through `store(i, r, acc)` (i: activation row, r: output column).
+template <int BITS, typename Store>
 void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
-                 int32_t* out) {
+                 const Store& store) {
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
   const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
   if (m > 1) {
@@ -237,7 +239,7 @@ void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, c
         for (int64_t i0 = 0; i0 < m; i0 += kMR) {
           const int64_t mr = std::min<int64_t>(kMR, m - i0);
           dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
-          for (int64_t i = 0; i < mr; ++i) out[(i0 + i) * n + r] = res[i] - off * xsum[i0 + i];
+          for (int64_t i = 0; i < mr; ++i) store(i0 + i, r, res[i] - off * xsum[i0 + i]);
         }
     });
     return;
@@ -247,18 +249,15 @@ void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, c
     int32_t res[kNR];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
-      for (int64_t i = 0; i < m; ++i) {
-        const int8_t* xr = xp + i * kp;
-        if (nr == kNR) dot_int<BITS, kNR>(w + n0 * rb, rb, xr, ng, res);
-        else for (int64_t r = 0; r < nr; ++r) dot_int<BITS, 1>(w + (n0 + r) * rb, rb, xr, ng, res + r);
-        for (int64_t r = 0; r < nr; ++r) out[i * n + n0 + r] = res[r] - off * xsum[i];
-      }
+      if (nr == kNR) dot_int<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
+      else for (int64_t r = 0; r < nr; ++r) dot_int<BITS, 1>(w + (n0 + r) * rb, rb, xp, ng, res + r);
+      for (int64_t r = 0; r < nr; ++r) store(0, n0 + r, res[r] - off * xsum[0]);
     }
   });
 }
 
-template <int BITS>
-void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, float* out) {
+template <int BITS, typename Store>
+void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, const Store& store) {
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
   if (m > 1) {
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
@@ -267,7 +266,7 @@ void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int
         for (int64_t i0 = 0; i0 < m; i0 += kMR) {
           const int64_t mr = std::min<int64_t>(kMR, m - i0);
           dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
-          for (int64_t i = 0; i < mr; ++i) out[(i0 + i) * n + r] = res[i];
+          for (int64_t i = 0; i < mr; ++i) store(i0 + i, r, res[i]);
         }
     });
     return;
@@ -277,57 +276,151 @@ void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int
     float res[kNR];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xr = xp + i * kp;
-        if (nr == kNR) dot_float<BITS, kNR>(w + n0 * rb, rb, xr, ng, res);
-        else for (int64_t r = 0; r < nr; ++r) dot_float<BITS, 1>(w + (n0 + r) * rb, rb, xr, ng, res + r);
-        for (int64_t r = 0; r < nr; ++r) out[i * n + n0 + r] = res[r];
-      }
+      if (nr == kNR) dot_float<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
+      else for (int64_t r = 0; r < nr; ++r) dot_float<BITS, 1>(w + (n0 + r) * rb, rb, xp, ng, res + r);
+      for (int64_t r = 0; r < nr; ++r) store(0, n0 + r, res[r]);
     }
   });
+}
+
+int64_t padded(int64_t k, int64_t bits) {
+  const int64_t gk = codes_per_group((int)bits);
+  return (k + gk - 1) / gk * gk;
+}
+
+// int8 activations [m, k] -> kernel order + row sums
+void prepare_int(const int8_t* x, int64_t m, int64_t k, int64_t kp, int bits, std::vector<int8_t>& xp,
+                 std::vector<int32_t>& xsum) {
+  xp.assign(m * kp, 0);
+  xsum.assign(m, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    permute_row<int8_t>(x + i * k, k, xp.data() + i * kp, kp, bits);
+    int32_t s = 0;
+    for (int64_t j = 0; j < k; ++j) s += x[i * k + j];
+    xsum[i] = s;
+  }
+}
+
+template <typename F>
+void dispatch_bits(int64_t bits, const F& f) {
+  switch (bits) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 at::Tensor packed_int_mm(const at::Tensor& xq_in, const at::Tensor& packed_in, int64_t bits, int64_t k) {
   check_args(xq_in, packed_in, bits, k, at::kChar);
   const at::Tensor xq = xq_in.contiguous(), packed = packed_in.contiguous();
-  const int64_t m = xq.size(0), n = packed.size(0), gk = codes_per_group((int)bits);
-  const int64_t kp = (k + gk - 1) / gk * gk;
-  std::vector<int8_t> xp(m * kp);
-  std::vector<int32_t> xsum(m);
-  const int8_t* x = xq.data_ptr<int8_t>();
-  for (int64_t i = 0; i < m; ++i) {
-    permute_row<int8_t>(x + i * k, k, xp.data() + i * kp, kp, (int)bits);
-    int32_t s = 0;
-    for (int64_t j = 0; j < k; ++j) s += x[i * k + j];
-    xsum[i] = s;
-  }
+  const int64_t m = xq.size(0), n = packed.size(0), kp = padded(k, bits);
   at::Tensor out = at::empty({m, n}, xq.options().dtype(at::kInt));
   if (m == 0 || n == 0) return out;
+  std::vector<int8_t> xp;
+  std::vector<int32_t> xsum;
+  prepare_int(xq.data_ptr<int8_t>(), m, k, kp, (int)bits, xp, xsum);
   const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
   int32_t* o = out.data_ptr<int32_t>();
-  switch (bits) {
-    case 2: int_mm_impl<2>(xp.data(), m, kp, xsum.data(), w, n, o); break;
-    case 4: int_mm_impl<4>(xp.data(), m, kp, xsum.data(), w, n, o); break;
-    default: int_mm_impl<8>(xp.data(), m, kp, xsum.data(), w, n, o); break;
-  }
+  dispatch_bits(bits, [&](auto B) {
+    int_mm_impl<B.value>(xp.data(), m, kp, xsum.data(), w, n, [&](int64_t i, int64_t r, int32_t v) { o[i * n + r] = v; });
+  });
   return out;
 }
 
 at::Tensor packed_float_mm(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t bits, int64_t k) {
   check_args(x_in, packed_in, bits, k, at::kFloat);
   const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();
-  const int64_t m = x.size(0), n = packed.size(0), gk = codes_per_group((int)bits);
-  const int64_t kp = (k + gk - 1) / gk * gk;
-  std::vector<float> xp(m * kp, 0.0f);  // natural order, zero-padded to kp (see dot_float)
-  for (int64_t i = 0; i < m; ++i) std::copy(x.data_ptr<float>() + i * k, x.data_ptr<float>() + (i + 1) * k, xp.data() + i * kp);
+  const int64_t m = x.size(0), n = packed.size(0), kp = padded(k, bits);
   at::Tensor out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
+  std::vector<float> xp(m * kp, 0.0f);  // natural order, zero-padded to kp (see dot_float)
+  for (int64_t i = 0; i < m; ++i) std::copy(x.data_ptr<float>() + i * k, x.data_ptr<float>() + (i + 1) * k, xp.data() + i * kp);
   const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
   float* o = out.data_ptr<float>();
-  switch (bits) {
-    case 2: float_mm_impl<2>(xp.data(), m, kp, w, n, o); break;
-    case 4: float_mm_impl<4>(xp.data(), m, kp, w, n, o); break;
-    default: float_mm_impl<8>(xp.data(), m, kp, w, n, o); break;
+  dispatch_bits(bits, [&](auto B) {
+    float_mm_impl<B.value>(xp.data(), m, kp, w, n, [&](int64_t i, int64_t r, float v) { o[i * n + r] = v; });
+  });
+  return out;
+}
+
+// The whole wNa8o8 linear in one call, bitwise kernels.reference.linear (this file is compiled with
+// -ffp-contract=off so that no multiply-add below is fused into an FMA):
+//   input_scale given ([1] f32): x_q = clamp(round_half_even(f32(x) / input_scale), -128, 127)  (IEEE f32 division)
+//                     y = f32(x_q @ q^T) * col_scale[n]          (col_scale = f32(input_scale * weight_scale))
+//   no input_scale:   y = (f32(x) @ q^T in f32) * col_scale[n]   (weight-only; col_scale = weight_scale)
+//   (+ bias[n]); with output_scale ([1] or [N]): t = clamp(round_half_even(y / s_y), -128, 127), y = t * s_y
+//   (out_dtype int8: t itself); cast to out_dtype (round to nearest even).
+template <typename T>
+inline T cast_out(float v) { return static_cast<T>(v); }
+
+at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t bits, int64_t k,
+                         const at::Tensor& col_scale_in, const c10::optional<at::Tensor>& input_scale_in,
+                         const c10::optional<at::Tensor>& bias_in,
+                         const c10::optional<at::Tensor>& out_scale_in, at::ScalarType out_dtype) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "], got ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf,
+              "x must be float32 / bfloat16 / float16, got ", x_in.scalar_type());
+  check_args(x_in.to(at::kFloat), packed_in, bits, k, at::kFloat);
+  const at::Tensor xf = x_in.to(at::kFloat).contiguous(), packed = packed_in.contiguous();
+  const int64_t m = xf.size(0), n = packed.size(0), kp = padded(k, bits);
+  const at::Tensor cs = col_scale_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(cs.numel() == n, "col_scale must have N=", n, " elements");
+  at::Tensor bias, osc;
+  if (bias_in.has_value()) { bias = bias_in->to(at::kFloat).contiguous(); TORCH_CHECK(bias.numel() == n, "bias must have N elements"); }
+  if (out_scale_in.has_value()) {
+    osc = out_scale_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(osc.numel() == 1 || osc.numel() == n, "output_scale must have 1 or N elements");
+  }
+  TORCH_CHECK(out_dtype != at::kChar || osc.defined(), "int8 output needs an output_scale");
+  at::Tensor out = at::empty({m, n}, xf.options().dtype(out_dtype));
+  if (m == 0 || n == 0) return out;
+  const float* csp = cs.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const float* sp = osc.defined() ? osc.data_ptr<float>() : nullptr;
+  const int64_t sstride = osc.defined() && osc.numel() == n ? 1 : 0;
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(packed.data_ptr<int32_t>());
+  auto run = [&](auto* o) {
+    using T = std::remove_pointer_t<decltype(o)>;
+    auto epi = [&](int64_t i, int64_t r, float y) {
+      y = y * csp[r];
+      if (bp) y = y + bp[r];
+      if (sp) {
+        const float s = sp[r * sstride];
+        float t = std::nearbyint(y / s);
+        t = t < -128.0f ? -128.0f : (t > 127.0f ? 127.0f : t);
+        if constexpr (std::is_same_v<T, int8_t>) { o[i * n + r] = static_cast<int8_t>(t); return; }
+        else y = t * s;
+      }
+      if constexpr (!std::is_same_v<T, int8_t>) o[i * n + r] = cast_out<T>(y);
+    };
+    if (input_scale_in.has_value()) {
+      TORCH_CHECK(input_scale_in->numel() == 1, "input_scale must have 1 element");
+      const float sx = input_scale_in->to(at::kFloat).item<float>();
+      std::vector<int8_t> xq(m * k);
+      const float* xs = xf.data_ptr<float>();
+      for (int64_t j = 0; j < m * k; ++j) {
+        float t = std::nearbyint(xs[j] / sx);
+        xq[j] = static_cast<int8_t>(t < -128.0f ? -128.0f : (t > 127.0f ? 127.0f : t));
+      }
+      std::vector<int8_t> xp;
+      std::vector<int32_t> xsum;
+      prepare_int(xq.data(), m, k, kp, (int)bits, xp, xsum);
+      dispatch_bits(bits, [&](auto B) {
+        int_mm_impl<B.value>(xp.data(), m, kp, xsum.data(), w, n,
+                             [&](int64_t i, int64_t r, int32_t v) { epi(i, r, static_cast<float>(v)); });
+      });
+    } else {
+      std::vector<float> xp(m * kp, 0.0f);
+      for (int64_t i = 0; i < m; ++i) std::copy(xf.data_ptr<float>() + i * k, xf.data_ptr<float>() + (i + 1) * k, xp.data() + i * kp);
+      dispatch_bits(bits, [&](auto B) { float_mm_impl<B.value>(xp.data(), m, kp, w, n, epi); });
+    }
+  };
+  switch (out_dtype) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<at::Half>()); break;
+    case at::kChar: run(out.data_ptr<int8_t>()); break;
+    default: TORCH_CHECK(false, "out_dtype must be float32 / bfloat16 / float16 / int8, got ", out_dtype);
   }
   return out;
 }
@@ -337,9 +430,12 @@ at::Tensor packed_float_mm(const at::Tensor& x_in, const at::Tensor& packed_in, 
 TORCH_LIBRARY(gemma_mobile, m) {
   m.def("packed_int_mm(Tensor xq, Tensor packed, int bits, int k) -> Tensor");
   m.def("packed_float_mm(Tensor x, Tensor packed, int bits, int k) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int bits, int k, Tensor col_scale, Tensor? input_scale, Tensor? bias, "
+        "Tensor? output_scale, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gemma_mobile, CPU, m) {
   m.impl("packed_int_mm", &packed_int_mm);
   m.impl("packed_float_mm", &packed_float_mm);
+  m.impl("packed_linear", &packed_linear);
 }

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("cpu_packed.cpp")
 _NAME = "gemma_mobile_cpu_packed"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
 _LOCK = threading.Lock()
 _STATUS: tuple[bool, str] | None = None
 
@@ -81,6 +81,10 @@ def _register_fakes() -> None:
     def _(x, packed, bits, k):
         return x.new_empty((x.shape[0], packed.shape[0]), dtype=torch.float32)
 
+    @torch.library.register_fake("gemma_mobile::packed_linear")
+    def _(x, packed, bits, k, col_scale, input_scale, bias, output_scale, out_dtype):
+        return x.new_empty((x.shape[0], packed.shape[0]), dtype=out_dtype)
+
 
 def _require() -> None:
     if _STATUS is not None and _STATUS[0]:  # lock-free once loaded (also what torch.compile traces through)
@@ -102,6 +106,17 @@ def float_mm(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     |result - exact| <= K * 2^-24 * sum_k |x_k q_k| (standard recursive-summation bound)."""
     _require()
     return torch.ops.gemma_mobile.packed_float_mm(x.to(torch.float32), w.packed, w.bits, w.k)
+
+
+def linear(x: torch.Tensor, w: PackedWeight, col_scale: torch.Tensor, input_scale: torch.Tensor | None,
+           bias: torch.Tensor | None, output_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The whole linear in one call (input quant, packed GEMM, f32 epilogue, static requant, cast), bitwise
+    ``kernels.reference.linear`` for int8 activations (``input_scale``; ``col_scale = f32(input_scale *
+    weight_scale)``, ``input_scale`` f32 [1]); ``input_scale=None``: the weight-only path (``col_scale = weight_scale``, ``float_mm``'s
+    bound). ``x [M, K]`` float; ``out_dtype`` float or int8 (the output codes)."""
+    _require()
+    return torch.ops.gemma_mobile.packed_linear(x, w.packed, w.bits, w.k, col_scale, input_scale, bias,
+                                                 output_scale, out_dtype)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import bitpack, ops
+from . import bitpack, cpu_packed, ops
 from .layout import PackedWeight, from_compressed_tensors
 from .reference import epilogue
 
@@ -61,6 +61,9 @@ class LinearState:
     sx: list[torch.Tensor]                # f32 0-d, on the weight's device
     output_scale: Optional[torch.Tensor]  # f32 0-d or [N]; None: float output
     backend: str
+    # packed backend: per group f32(s_x * weight_scale) and its [1] s_x, [N] output scales, precomputed so the
+    # apply is ONE fused C++ call (kernels.cpu_packed.linear), bitwise the reference's per-call products
+    fused: Optional[list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]] = None
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self.packed)
@@ -83,16 +86,26 @@ def prepare_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor, inpu
     packed = [from_compressed_tensors(weight_packed[a:b].contiguous(), bits, (b - a, k)) for a, b, _ in groups]
     if backend == "torch" and weight_packed.device.type == "cpu":
         packed = [w.with_codes(torch.int8) for w in packed]
-    return LinearState(
+    st = LinearState(
         groups=groups, packed=packed, wscale=[ws[a:b].contiguous() for a, b, _ in groups],
         sx=[torch.tensor(sx, dtype=torch.float32, device=ws.device) for _, _, sx in groups],
         output_scale=output_column_scale(None if output_scale is None else output_scale.reshape(-1).float(),
                                          shards),
         backend=backend)
+    if backend == "packed":
+        osc = st.output_scale
+        st.fused = [((sx.reshape(1) * wsg).contiguous(), sx.reshape(1),
+                     None if osc is None else (osc.reshape(1) if osc.ndim == 0 else osc[a:b].contiguous()))
+                    for (a, b, _), sx, wsg in zip(groups, st.sx, st.wscale)]
+    return st
 
 
 def linear_apply(st: LinearState, x2: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x2 [M, K]`` -> ``[M, N]`` in x2's dtype: the full wNa8o8 linear (input quant, GEMM, bias, requant)."""
+    if st.fused is not None:  # packed: one fused call per group, no per-call Python argument handling
+        outs = [cpu_packed.linear(x2, w, cs, sx, None if bias is None else bias[a:b], so, x2.dtype)
+                for w, (cs, sx, so), (a, b, _) in zip(st.packed, st.fused, st.groups)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     osc = st.output_scale
     outs = []
     for i, (a, b, _) in enumerate(st.groups):

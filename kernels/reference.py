@@ -190,7 +190,9 @@ def linear(
     odt = resolve_out_dtype(x, out_dtype, int8_out)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
-    if si is None:
+    if packed_cpu and x2.dtype != torch.int8:  # one fused call (bitwise this function's int8 path)
+        y = cpu_packed.linear(x2, w, ws if si is None else si * ws, si, b, so, odt)
+    elif si is None:
         if packed_cpu:
             acc = cpu_packed.float_mm(x2, w)
         elif x2.dtype == torch.float32 or x2.device.type != "cpu":

@@ -124,3 +124,22 @@ def test_bad_arguments_are_refused():
         torch.ops.gemma_mobile.packed_int_mm(torch.zeros(1, 64), w.packed, 4, 64)
     with pytest.raises(ValueError, match="CPU tensors only"):
         ops.select_backend(torch.device("cuda"), "packed")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 11])
+def test_fused_linear_rounds_ties_like_reference(dtype, m):
+    """Power-of-two scales make x / s_x and y / s_y land exactly on .5 ties: the fused C++ epilogue must round
+    half to even and clamp exactly like the torch reference (any FMA contraction or round-half-away shows)."""
+    n, k, bits = 40, 96, 4
+    q = _codes(n, k, bits, 5)
+    w = layout.from_int(q, bits)
+    ws = torch.full((n,), 2.0 ** -6)
+    g = torch.Generator().manual_seed(m)
+    x = ((torch.randint(-300, 300, (m, k), generator=g).float() + 0.5) * 2.0 ** -4).to(dtype)
+    bias = torch.randint(-8, 8, (n,), generator=g).float() * 2.0 ** -5
+    for kw in ({"output_scale": torch.tensor(2.0 ** -3), "bias": bias}, {"output_scale": torch.full((n,), 2.0 ** -2)},
+               {"output_scale": torch.tensor(2.0 ** -3), "int8_out": True}, {}):
+        ref = ops.linear(x, w, ws, 2.0 ** -4, backend="torch", **kw)
+        got = ops.linear(x, w, ws, 2.0 ** -4, backend="packed", **kw)
+        assert torch.equal(got, ref), kw

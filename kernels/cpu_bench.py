@@ -1,0 +1,132 @@
+"""Per-token CPU time of a checkpoint's quantized matmuls: the packed AVX2 kernels vs bf16 ``F.linear`` on the
+same shapes, in one process (ratios measured side by side). vLLM-free: shapes and bits come from the
+compressed-tensors checkpoint's safetensors (``*.weight_packed`` + ``*.weight_shape``).
+
+    python -m kernels.cpu_bench CHECKPOINT_DIR [--m 1 16] [--reps 20] [--json OUT]
+
+Per module kind (q/k/v and gate/up fused as vLLM fuses them, o, down, per-layer-embedding gate / projection,
+the lm_head over the tied table): count per token, bits, ms per call and ms per token for
+``ops.linear(backend="packed")`` (input quant + int GEMM + f32 epilogue + requant, what the plugin runs) and
+for ``torch.nn.functional.linear`` on bf16 weights. The weight-only lm_head (no lm_head SRQ scales) is timed
+with the float path. Attention, norms, sampling and vLLM's own overhead are NOT included: compare the total with
+the engine's measured decode time to see what they cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import ops
+from .layout import PackedWeight, from_int, padded_k, pack_factor
+
+_FUSE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def checkpoint_linears(ckpt: Path) -> tuple[dict[tuple, int], dict]:
+    """{(kind, n, k, bits): count per token} with q/k/v and gate/up fused per layer; plus the table's shape."""
+    config = json.loads((ckpt / "config.json").read_text())
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if name.endswith(".weight_packed"):
+                    base = name[: -len(".weight_packed")]
+                    n, words = st.get_slice(name).get_shape()
+                    n_, k = (int(v) for v in st.get_tensor(base + ".weight_shape").tolist())
+                    bits = words * 32 // k if (words * 32) % k == 0 else round(words * 32 / k)
+                    for b in (2, 4, 8):  # exact: words == ceil(k * b / 32)
+                        if words == -(-k * b // 32):
+                            bits = b
+                    shapes[base] = (n, k, bits)
+    fused: dict[tuple, list[int]] = defaultdict(list)
+    table = None
+    for base, (n, k, bits) in shapes.items():
+        leaf = base.rsplit(".", 1)[-1]
+        if leaf == "embed_tokens":
+            table = {"n": n, "k": k, "bits": bits}
+            continue
+        if leaf == "embed_tokens_per_layer":
+            continue  # gather-only table: no matmul
+        layer = re.search(r"layers\.(\d+)\.", base)
+        key = (_FUSE.get(leaf, leaf), None if layer is None else int(layer.group(1)), k, bits)
+        fused[key].append(n)
+    counts: dict[tuple, int] = defaultdict(int)
+    for (kind, _, k, bits), ns in fused.items():
+        counts[(kind, sum(ns), k, bits)] += 1
+    head = (config.get("quantization_config") or {}).get("gemma_mobile", {}).get("lm_head")
+    return dict(counts), {"table": table, "lm_head_srq": head is not None}
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best * 1e3
+
+
+def _weight(n: int, k: int, bits: int) -> PackedWeight:
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    return from_int(torch.randint(lo, hi, (n, k), dtype=torch.int8), bits)
+
+
+def profile(ckpt: Path, ms: list[int], reps: int) -> dict:
+    counts, extra = checkpoint_linears(ckpt)
+    rows = []
+    items = [(kind, n, k, bits, c, True) for (kind, n, k, bits), c in sorted(counts.items())]
+    t = extra["table"]
+    if t is not None:
+        items.append(("lm_head (tied table)", t["n"], t["k"], t["bits"], 1, extra["lm_head_srq"]))
+    for kind, n, k, bits, count, int8_act in items:
+        w = _weight(n, k, bits)
+        ws = torch.rand(n) * 0.01 + 1e-3
+        wb = torch.randn(n, k, dtype=torch.bfloat16)
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            packed = _time(lambda: ops.linear(x, w, ws, 0.05 if int8_act else None, 0.1 if int8_act else None,
+                                              backend="packed", check_values=False), reps)
+            bf16 = _time(lambda: torch.nn.functional.linear(x, wb), reps)
+            rows.append({"module": kind, "n": n, "k": k, "bits": bits, "int8_activations": int8_act,
+                         "per_token": count, "m": m, "packed_ms": round(packed, 4), "bf16_ms": round(bf16, 4),
+                         "packed_bytes": n * padded_k(k, bits) // pack_factor(bits) * 4, "bf16_bytes": n * k * 2})
+        del wb
+    totals = {m: {"packed_ms": round(sum(r["packed_ms"] * r["per_token"] for r in rows if r["m"] == m), 3),
+                  "bf16_ms": round(sum(r["bf16_ms"] * r["per_token"] for r in rows if r["m"] == m), 3)}
+              for m in ms}
+    return {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "rows": rows, "totals_per_step": totals}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16], help="activation rows (tokens per step)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    res = profile(a.checkpoint, a.m, a.reps)
+    print(f"{'module':24} {'N':>7} {'K':>6} {'b':>2} {'x/tok':>5} {'M':>3} {'packed ms':>10} {'bf16 ms':>9} {'ratio':>6}")
+    for r in res["rows"]:
+        print(f"{r['module']:24} {r['n']:7d} {r['k']:6d} {r['bits']:2d} {r['per_token']:5d} {r['m']:3d} "
+              f"{r['packed_ms'] * r['per_token']:10.3f} {r['bf16_ms'] * r['per_token']:9.3f} "
+              f"{r['bf16_ms'] / r['packed_ms']:6.2f}")
+    for m, t in res["totals_per_step"].items():
+        print(f"total per step, M={m}: packed {t['packed_ms']:.2f} ms, bf16 {t['bf16_ms']:.2f} ms, "
+              f"{t['bf16_ms'] / t['packed_ms']:.2f}x")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
