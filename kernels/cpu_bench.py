@@ -34,19 +34,15 @@ _FUSE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
 def checkpoint_linears(ckpt: Path) -> tuple[dict[tuple, int], dict]:
     """{(kind, n, k, bits): count per token} with q/k/v and gate/up fused per layer; plus the table's shape."""
     config = json.loads((ckpt / "config.json").read_text())
+    where = {name: f for f in sorted(ckpt.glob("*.safetensors")) for name in safe_open(str(f), "pt").keys()}
     shapes: dict[str, tuple[int, int, int]] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                if name.endswith(".weight_packed"):
-                    base = name[: -len(".weight_packed")]
-                    n, words = st.get_slice(name).get_shape()
-                    n_, k = (int(v) for v in st.get_tensor(base + ".weight_shape").tolist())
-                    bits = words * 32 // k if (words * 32) % k == 0 else round(words * 32 / k)
-                    for b in (2, 4, 8):  # exact: words == ceil(k * b / 32)
-                        if words == -(-k * b // 32):
-                            bits = b
-                    shapes[base] = (n, k, bits)
+    for name, f in where.items():
+        if name.endswith(".weight_packed"):
+            base = name[: -len(".weight_packed")]
+            n, words = safe_open(str(f), "pt").get_slice(name).get_shape()
+            k = int(safe_open(str(where[base + ".weight_shape"]), "pt").get_tensor(base + ".weight_shape")[1])
+            bits = next(b for b in (2, 4, 8) if words == -(-k * b // 32))  # words == ceil(k * b / 32)
+            shapes[base] = (n, k, bits)
     fused: dict[tuple, list[int]] = defaultdict(list)
     table = None
     for base, (n, k, bits) in shapes.items():
