@@ -5,8 +5,9 @@ benchmark, not a timing test (the tiny model's tokens/s mean nothing).
 Settings: contexts 64 and 128, streams 1 and 2, 4 tokens, 1 rep, eager, block size 32, max_num_batched_tokens 64
 (so the sliding layers' admission cap, window - 1 + 64 in-flight tokens, is below 128 + 4) and a 128 KiB KV
 budget, chosen so that the bf16 cache holds 1.28-1.39 sequences and the quantized one 2.78-2.91: 2 streams run on
-the quantized cache and are skipped on the bf16 one (the "same bytes, twice the sequences" case). The capacity is vLLM's own accounting,
-re-derived here from the model's layer types and KV bytes per token (kernels/kvcache.kv_bytes_per_token)."""
+the quantized cache and are skipped on the bf16 one (the "same bytes, twice the sequences" case). The capacity is
+vLLM's own accounting, re-derived here from the model's layer types and KV bytes per token
+(kernels/kvcache.kv_bytes_per_token). Two engine starts: ~2 minutes on 2 idle cores."""
 
 from __future__ import annotations
 
