@@ -32,6 +32,7 @@ from . import bitpack
 SUPPORTED_BITS = (2, 4, 8)
 WORDS_PER_GROUP = 8  # WG
 LAYOUT_NAME = f"kgroup{WORDS_PER_GROUP}"
+CHUNK_CODES = 1 << 24  # load-time conversions work on row chunks of about this many codes (bounded temporaries)
 
 
 def _check_bits(bits: int) -> int:
@@ -144,14 +145,17 @@ def from_int(codes: torch.Tensor, bits: int) -> PackedWeight:
     n, k = codes.shape
     p, wg = pack_factor(bits), WORDS_PER_GROUP
     kp = padded_k(k, bits)
-    u = torch.full((n, kp), 1 << (bits - 1), dtype=torch.int64, device=codes.device)  # padding = code 0
-    u[:, :k] = codes.to(torch.int64) + (1 << (bits - 1))
-    # [N, G, p(j), WG(w)] -> field j of word (g, w)
-    u = u.view(n, kp // (p * wg), p, wg)
+    packed = torch.empty((n, kp // p), dtype=torch.int32, device=codes.device)
+    rows = max(1, CHUNK_CODES // kp)  # row chunks: int64 temporaries stay ~128 MB for any table (load-time peak)
     shifts = (torch.arange(p, device=codes.device, dtype=torch.int64) * bits).view(1, 1, p, 1)
-    words = (u << shifts).sum(dim=2)  # [N, G, WG], values < 2^32
-    words = torch.where(words >= (1 << 31), words - (1 << 32), words)  # reinterpret as int32
-    packed = words.reshape(n, kp // p).to(torch.int32).contiguous()
+    for r0 in range(0, n, rows):
+        c = codes[r0:r0 + rows]
+        u = torch.full((c.shape[0], kp), 1 << (bits - 1), dtype=torch.int64, device=codes.device)  # pad = code 0
+        u[:, :k] = c.to(torch.int64) + (1 << (bits - 1))
+        # [rows, G, p(j), WG(w)] -> field j of word (g, w)
+        words = (u.view(c.shape[0], kp // (p * wg), p, wg) << shifts).sum(dim=2)  # [rows, G, WG], < 2^32
+        words = torch.where(words >= (1 << 31), words - (1 << 32), words)  # reinterpret as int32
+        packed[r0:r0 + rows] = words.reshape(c.shape[0], kp // p).to(torch.int32)
     return PackedWeight(bits=bits, shape=(n, k), packed=packed)
 
 
@@ -193,7 +197,16 @@ def from_compressed_tensors(
     shape = tuple(int(v) for v in shape)
     if len(shape) != 2:
         raise ValueError(f"weight_shape must be (N, K), got {shape}")
-    return from_int(ct_unpack(weight_packed, bits, shape), bits)
+    n, k = shape
+    rows = max(1, CHUNK_CODES // padded_k(k, _check_bits(bits)))  # row chunks bound the int64 unpack temporaries
+    if n <= rows:
+        return from_int(ct_unpack(weight_packed, bits, shape), bits)
+    ct_unpack(weight_packed[:1], bits, (1, k))  # shape / dtype checks of the whole tensor's row format
+    if weight_packed.shape[0] != n:
+        raise ValueError(f"weight_packed has {weight_packed.shape[0]} rows, weight_shape says {n}")
+    parts = [from_int(ct_unpack(weight_packed[r0:r0 + rows], bits, (min(rows, n - r0), k)), bits).packed
+             for r0 in range(0, n, rows)]
+    return PackedWeight(bits=bits, shape=(n, k), packed=torch.cat(parts))
 
 
 def from_float(

@@ -25,6 +25,26 @@ from .layout import PackedWeight, from_compressed_tensors
 from .reference import epilogue
 
 
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; no-op elsewhere). The load-time conversions
+    free large temporaries that glibc would otherwise keep mapped, so the engine's resident memory after load
+    would overstate what the weights hold."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def runs(values: list[float]) -> list[tuple[int, int]]:
     """Index ranges [start, end) of consecutive equal values."""
     out, start = [], 0
@@ -92,6 +112,8 @@ def prepare_linear(weight_packed: torch.Tensor, weight_scale: torch.Tensor, inpu
         output_scale=output_column_scale(None if output_scale is None else output_scale.reshape(-1).float(),
                                          shards),
         backend=backend)
+    if weight_packed.device.type == "cpu":
+        release_freed_memory()
     if backend == "packed":
         osc = st.output_scale
         st.fused = [((sx.reshape(1) * wsg).contiguous(), sx.reshape(1),
@@ -165,6 +187,8 @@ def prepare_table(weight_packed: torch.Tensor, weight_scale: torch.Tensor, bits:
         for name, v in (("lm_head input_scale", sx), ("lm_head output_scale", sy)):
             if v is not None:
                 ops.check_scale_values(name, v)
+    if weight_packed.device.type == "cpu":
+        release_freed_memory()
     return TableState(packed=packed, scale=ws, head_sx=sx, head_sy=sy, backend=backend)
 
 

@@ -143,3 +143,18 @@ def test_fused_linear_rounds_ties_like_reference(dtype, m):
         ref = ops.linear(x, w, ws, 2.0 ** -4, backend="torch", **kw)
         got = ops.linear(x, w, ws, 2.0 ** -4, backend="packed", **kw)
         assert torch.equal(got, ref), kw
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_load_conversion_in_row_chunks_equals_whole(monkeypatch, bits):
+    """from_compressed_tensors / from_int convert big tables in row chunks (bounded load-time memory): the result
+    must not depend on the chunking (uneven last chunk included)."""
+    from kernels import bitpack
+
+    q = _codes(301, 200, bits, 9)
+    whole = layout.from_compressed_tensors(bitpack.ct_pack(q, bits), bits, (301, 200))
+    monkeypatch.setattr(layout, "CHUNK_CODES", 1000)  # ~3-7 rows per chunk
+    chunked = layout.from_compressed_tensors(bitpack.ct_pack(q, bits), bits, (301, 200))
+    assert torch.equal(chunked.packed, whole.packed) and torch.equal(layout.unpack(chunked), q)
+    with pytest.raises(ValueError, match="rows"):
+        layout.from_compressed_tensors(bitpack.ct_pack(q, bits), bits, (300, 200))
