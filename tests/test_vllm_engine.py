@@ -57,7 +57,7 @@ def _greedy(n: int = N_TOKENS, logprobs: int | None = None):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
 
 
-def test_engine_uses_plugin_and_one_table(llm):
+def test_engine_uses_plugin_and_one_table(llm, mobile_tiny):
     assert llm.llm_engine.model_config.quantization == "gemma_mobile"
 
     from vllm_gemma_mobile.vllm.inspect_model import describe
@@ -87,6 +87,9 @@ def test_engine_uses_plugin_and_one_table(llm):
     assert info["float_2d_params"] == []  # no float weight parameters (norms are 1-D)
     # ... and no float matrix among ALL tensors the modules keep (gm_* attributes included), but that cache
     assert [n for n in info["float_2d_tensors"] if not n.endswith("embed_tokens.gm_state.packed.codes")] == []
+    if backend == "packed":  # weights stay as small in memory as on disk (issue 10): every kept tensor counted
+        disk = sum(f.stat().st_size for f in Path(mobile_tiny).glob("*.safetensors"))
+        assert info["kept_bytes"]["weights_total"] <= 1.25 * disk, (info["kept_bytes"], disk)
     assert info["n_quant_linear"] == 6 * 4  # qkv, o, gate_up, down
     assert info["linear_bits"] == [2, 4, 8]
     assert len(info["kv"]) == 6 and all(k["k_scale"] > 0 and k["v_scale"] > 0 for k in info["kv"])

@@ -69,6 +69,9 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
         "linear_packed_bytes": sum(w.nbytes() for w in _linear_weights(lin)),
         "linear_codes_cache_bytes": sum(w.codes.numel() * w.codes.element_size()
                                         for w in _linear_weights(lin) if w.codes is not None),
+        # bytes of every tensor the model keeps (parameters, buffers, plugin state), KV cache excluded, by
+        # component: what "weights in memory" means, compared with the checkpoint's bytes on disk
+        "kept_bytes": kept_bytes(model),
     }
     if emb is not None and isinstance(emb.quant_method, GemmaMobileEmbeddingMethod):
         src = getattr(head, "gm_source", None)
@@ -108,3 +111,34 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
 def _linear_weights(lin: list[torch.nn.Module]) -> list:
     """The `kernels.layout.PackedWeight`s of the plugin's linears (backends that keep `gm_state`)."""
     return [w for m in lin for w in getattr(getattr(m, "gm_state", None), "packed", [])]
+
+
+def _component(name: str) -> str:
+    if "rotary_emb" in name:
+        return "rotary_cache"  # cos/sin tables built by vLLM, not weights
+    if "embed_tokens_per_layer" in name:
+        return "per_layer_table"
+    if "embed_tokens" in name or "lm_head" in name:
+        return "table"
+    if any(p in name for p in ("_proj", "per_layer_input_gate", "per_layer_projection")):
+        return "linears"
+    return "other"  # norms, rotary caches, scalars
+
+
+def kept_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """{component: bytes} over `kept_tensors(model)` minus the KV cache (vLLM binds the cache tensors to the
+    attention modules), plus "weights_total" (all but vLLM's rotary cos/sin caches). Each storage counted once."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, t in kept_tensors(model):
+        if "kv_cache" in name or t.device.type == "meta":
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        c = _component(name)
+        out[c] = out.get(c, 0) + t.untyped_storage().nbytes()
+    out["weights_total"] = sum(v for k, v in out.items() if k != "rotary_cache")
+    return out
+
