@@ -347,7 +347,8 @@ at::Tensor packed_float_mm(const at::Tensor& x_in, const at::Tensor& packed_in, 
 // -ffp-contract=off so that no multiply-add below is fused into an FMA):
 //   input_scale given ([1] f32): x_q = clamp(round_half_even(f32(x) / input_scale), -128, 127)  (IEEE f32 division)
 //                     y = f32(x_q @ q^T) * col_scale[n]          (col_scale = f32(input_scale * weight_scale))
-//   no input_scale:   y = (f32(x) @ q^T in f32) * col_scale[n]   (weight-only; col_scale = weight_scale)
+//   no input_scale:   y = f32(dtype_x(f32(x) @ q^T in f32)) * col_scale[n]  (weight-only; col_scale =
+//                     weight_scale; the product rounded to x's dtype first, as the reference's GEMM in x's dtype)
 //   (+ bias[n]); with output_scale ([1] or [N]): t = clamp(round_half_even(y / s_y), -128, 127), y = t * s_y
 //   (out_dtype int8: t itself); cast to out_dtype (round to nearest even).
 template <typename T>
@@ -412,7 +413,17 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, in
     } else {
       std::vector<float> xp(m * kp, 0.0f);
       for (int64_t i = 0; i < m; ++i) std::copy(xf.data_ptr<float>() + i * k, xf.data_ptr<float>() + (i + 1) * k, xp.data() + i * kp);
-      dispatch_bits(bits, [&](auto B) { float_mm_impl<B.value>(xp.data(), m, kp, w, n, epi); });
+      // the reference's weight-only product is a GEMM in x's dtype: its output is rounded to that dtype
+      // before the f32 epilogue (kernels.reference.linear); do the same so served == reference up to the f32
+      // summation order
+      const at::ScalarType xdt = x_in.scalar_type();
+      dispatch_bits(bits, [&](auto B) {
+        float_mm_impl<B.value>(xp.data(), m, kp, w, n, [&](int64_t i, int64_t r, float v) {
+          if (xdt == at::kBFloat16) v = static_cast<float>(static_cast<at::BFloat16>(v));
+          else if (xdt == at::kHalf) v = static_cast<float>(static_cast<at::Half>(v));
+          epi(i, r, v);
+        });
+      });
     }
   };
   switch (out_dtype) {

@@ -112,8 +112,8 @@ def linear(x: torch.Tensor, w: PackedWeight, col_scale: torch.Tensor, input_scal
            bias: torch.Tensor | None, output_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """The whole linear in one call (input quant, packed GEMM, f32 epilogue, static requant, cast), bitwise
     ``kernels.reference.linear`` for int8 activations (``input_scale``; ``col_scale = f32(input_scale *
-    weight_scale)``, ``input_scale`` f32 [1]); ``input_scale=None``: the weight-only path (``col_scale = weight_scale``, ``float_mm``'s
-    bound). ``x [M, K]`` float; ``out_dtype`` float or int8 (the output codes)."""
+    weight_scale)``, ``input_scale`` f32 [1]); ``input_scale=None``: the weight-only path (``col_scale = weight_scale``;
+    the f32 product ``float_mm`` is rounded to x's dtype before the scale, like the reference's GEMM in x's dtype). ``x [M, K]`` float; ``out_dtype`` float or int8 (the output codes)."""
     _require()
     return torch.ops.gemma_mobile.packed_linear(x, w.packed, w.bits, w.k, col_scale, input_scale, bias,
                                                  output_scale, out_dtype)

@@ -57,7 +57,7 @@ def _greedy(n: int = N_TOKENS, logprobs: int | None = None):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
 
 
-def test_engine_uses_plugin_and_one_table(llm, mobile_tiny):
+def test_engine_uses_plugin_and_one_table(llm):
     assert llm.llm_engine.model_config.quantization == "gemma_mobile"
 
     from vllm_gemma_mobile.vllm.inspect_model import describe
@@ -87,9 +87,13 @@ def test_engine_uses_plugin_and_one_table(llm, mobile_tiny):
     assert info["float_2d_params"] == []  # no float weight parameters (norms are 1-D)
     # ... and no float matrix among ALL tensors the modules keep (gm_* attributes included), but that cache
     assert [n for n in info["float_2d_tensors"] if not n.endswith("embed_tokens.gm_state.packed.codes")] == []
-    if backend == "packed":  # weights stay as small in memory as on disk (issue 10): every kept tensor counted
-        disk = sum(f.stat().st_size for f in Path(mobile_tiny).glob("*.safetensors"))
-        assert info["kept_bytes"]["weights_total"] <= 1.25 * disk, (info["kept_bytes"], disk)
+    if backend == "packed":
+        # no unpacked copy anywhere: the table and linears hold their packed words (+ 1-D scales) only. The
+        # "as small as on disk" bound is asserted on the real 270M (test_vllm_real_memory): this tiny model's
+        # hidden size 64 is padded to the 2-bit layout's 128-code groups, which doubles its table in memory.
+        kept = info["kept_bytes"]
+        assert kept["table"] < info["table_bytes"] + 3 * 4 * v  # + f32 scale vectors (V rows)
+        assert kept["linears"] >= info["linear_packed_bytes"] > 0
     assert info["n_quant_linear"] == 6 * 4  # qkv, o, gate_up, down
     assert info["linear_bits"] == [2, 4, 8]
     assert len(info["kv"]) == 6 and all(k["k_scale"] > 0 and k["v_scale"] > 0 for k in info["kv"])
