@@ -226,42 +226,16 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int
               kp * bits / 32, " for K=", k, " at ", bits, " bits");
 }
 
-// The tiled loops, storing through `store(i, r, acc)` (i: activation row, r: output column).
-template <int BITS, typename Store>
-void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
-                 const Store& store) {
-  const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
-  const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
-  if (m > 1) {
-    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-      int32_t res[kMR];
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t i0 = 0; i0 < m; i0 += kMR) {
-          const int64_t mr = std::min<int64_t>(kMR, m - i0);
-          dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
-          for (int64_t i = 0; i < mr; ++i) store(i0 + i, r, res[i] - off * xsum[i0 + i]);
-        }
-    });
-    return;
-  }
-  const int64_t tiles = (n + kNR - 1) / kNR;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    int32_t res[kNR];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
-      if (nr == kNR) dot_int<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
-      else for (int64_t r = 0; r < nr; ++r) dot_int<BITS, 1>(w + (n0 + r) * rb, rb, xp, ng, res + r);
-      for (int64_t r = 0; r < nr; ++r) store(0, n0 + r, res[r] - off * xsum[0]);
-    }
-  });
-}
-
-template <int BITS, typename Store>
-void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, const Store& store) {
+// The tiled loop of both paths, storing through `store(i, r, acc)` (i: activation row, r: output column).
+// X = int8_t (raw sums of u*x, see dot_int) or float; M == 1: 4 weight rows share each activation load; M > 1:
+// one weight row is unpacked once per group for up to kMR activation rows.
+template <int BITS, typename X, typename Store>
+void tiled_mm(const X* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, const Store& store) {
+  using R = std::conditional_t<std::is_same_v<X, float>, float, int32_t>;
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
   if (m > 1) {
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-      float res[kMR];
+      R res[kMR];
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t i0 = 0; i0 < m; i0 += kMR) {
           const int64_t mr = std::min<int64_t>(kMR, m - i0);
@@ -273,14 +247,32 @@ void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int
   }
   const int64_t tiles = (n + kNR - 1) / kNR;
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    float res[kNR];
+    R res[kNR];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
-      if (nr == kNR) dot_float<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
-      else for (int64_t r = 0; r < nr; ++r) dot_float<BITS, 1>(w + (n0 + r) * rb, rb, xp, ng, res + r);
+      if constexpr (std::is_same_v<X, float>) {
+        if (nr == kNR) dot_float<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
+        else for (int64_t r = 0; r < nr; ++r) dot_float<BITS, 1>(w + (n0 + r) * rb, rb, xp, ng, res + r);
+      } else {
+        if (nr == kNR) dot_int<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
+        else for (int64_t r = 0; r < nr; ++r) dot_int<BITS, 1>(w + (n0 + r) * rb, rb, xp, ng, res + r);
+      }
       for (int64_t r = 0; r < nr; ++r) store(0, n0 + r, res[r]);
     }
   });
+}
+
+// Integer path: exact sum_k x_q * q = sum(u * x) - off * sum(x) (2/4-bit codes are stored as u = q + off).
+template <int BITS, typename Store>
+void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
+                 const Store& store) {
+  const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
+  tiled_mm<BITS>(xp, m, kp, w, n, [&](int64_t i, int64_t r, int32_t v) { store(i, r, v - off * xsum[i]); });
+}
+
+template <int BITS, typename Store>
+void float_mm_impl(const float* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, const Store& store) {
+  tiled_mm<BITS>(xp, m, kp, w, n, store);
 }
 
 int64_t padded(int64_t k, int64_t bits) {
@@ -361,8 +353,8 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, in
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "], got ", x_in.sizes());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kHalf,
               "x must be float32 / bfloat16 / float16, got ", x_in.scalar_type());
-  check_args(x_in.to(at::kFloat), packed_in, bits, k, at::kFloat);
   const at::Tensor xf = x_in.to(at::kFloat).contiguous(), packed = packed_in.contiguous();
+  check_args(xf, packed, bits, k, at::kFloat);
   const int64_t m = xf.size(0), n = packed.size(0), kp = padded(k, bits);
   const at::Tensor cs = col_scale_in.to(at::kFloat).contiguous();
   TORCH_CHECK(cs.numel() == n, "col_scale must have N=", n, " elements");

@@ -193,9 +193,7 @@ def linear(
     if packed_cpu and x2.dtype != torch.int8:  # one fused call (bitwise this function's int8 path)
         y = cpu_packed.linear(x2, w, ws if si is None else si * ws, si, b, so, odt)
     elif si is None:
-        if packed_cpu:
-            acc = cpu_packed.float_mm(x2, w)
-        elif x2.dtype == torch.float32 or x2.device.type != "cpu":
+        if x2.dtype == torch.float32 or x2.device.type != "cpu":
             acc = x2.to(torch.float32) @ _codes(w, torch.float32).t()
         else:
             acc = x2 @ _codes(w, x2.dtype).t()
