@@ -24,8 +24,9 @@ from .layout import PackedWeight
 logger = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("cpu_packed.cpp")
+_SOURCES = [_SRC, Path(__file__).with_name("cpu_kv.cpp")]  # one extension: packed GEMMs + quantized KV cache
 _NAME = "gemma_mobile_cpu_packed"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
 _LOCK = threading.Lock()
 _STATUS: tuple[bool, str] | None = None
 
@@ -49,7 +50,7 @@ def status() -> tuple[bool, str]:
         if not _cpu_has_avx2():
             _STATUS = (False, f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2")
             return _STATUS
-        if hasattr(torch.ops, "gemma_mobile") and hasattr(torch.ops.gemma_mobile, "packed_int_mm"):
+        if hasattr(torch.ops, "gemma_mobile") and hasattr(torch.ops.gemma_mobile, "kv_paged_attention"):
             _STATUS = (True, "")
             return _STATUS
         try:
@@ -57,12 +58,12 @@ def status() -> tuple[bool, str]:
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=_NAME, sources=[str(_SRC)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(d), is_python_module=False, verbose=False)
             _register_fakes()
             _STATUS = (True, "")
         except Exception as e:  # a missing compiler must not break import; the caller logs the reason
-            _STATUS = (False, f"building {_SRC.name} failed ({type(e).__name__}: {str(e)[:300]})")
+            _STATUS = (False, f"building {'/'.join(p.name for p in _SOURCES)} failed ({type(e).__name__}: {str(e)[:300]})")
         return _STATUS
 
 
@@ -85,8 +86,17 @@ def _register_fakes() -> None:
     def _(x, packed, bits, k, col_scale, input_scale, bias, output_scale, out_dtype):
         return x.new_empty((x.shape[0], packed.shape[0]), dtype=out_dtype)
 
+    @torch.library.register_fake("gemma_mobile::kv_write")
+    def _(cache, key, value, slot_mapping, k_scale, v_scale, bits):
+        return None
 
-def _require() -> None:
+    @torch.library.register_fake("gemma_mobile::kv_paged_attention")
+    def _(query, cache, query_start_loc, seq_lens, block_table, k_scale, v_scale, bits, scale, window, softcap,
+          causal, out):
+        return None
+
+
+def require() -> None:
     if _STATUS is not None and _STATUS[0]:  # lock-free once loaded (also what torch.compile traces through)
         return
     ok, why = status()
@@ -96,7 +106,7 @@ def _require() -> None:
 
 def int_mm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Exact int32 ``xq[M, K] @ q[N, K]^T`` (xq int8, CPU) read from ``w.packed``."""
-    _require()
+    require()
     return torch.ops.gemma_mobile.packed_int_mm(xq, w.packed, w.bits, w.k)
 
 
@@ -104,7 +114,7 @@ def float_mm(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """``f32(x)[M, K] @ q[N, K]^T`` in f32 (8-lane FMA partial sums, then a lane sum). Every product
     x*q is exact in f32 (|q| <= 128, 8 significant bits); only the additions round, so
     |result - exact| <= K * 2^-24 * sum_k |x_k q_k| (standard recursive-summation bound)."""
-    _require()
+    require()
     return torch.ops.gemma_mobile.packed_float_mm(x.to(torch.float32), w.packed, w.bits, w.k)
 
 
@@ -114,7 +124,7 @@ def linear(x: torch.Tensor, w: PackedWeight, col_scale: torch.Tensor, input_scal
     ``kernels.reference.linear`` for int8 activations (``input_scale``; ``col_scale = f32(input_scale *
     weight_scale)``, ``input_scale`` f32 [1]); ``input_scale=None``: the weight-only path (``col_scale = weight_scale``;
     the f32 product ``float_mm`` is rounded to x's dtype before the scale, like the reference's GEMM in x's dtype). ``x [M, K]`` float; ``out_dtype`` float or int8 (the output codes)."""
-    _require()
+    require()
     return torch.ops.gemma_mobile.packed_linear(x, w.packed, w.bits, w.k, col_scale, input_scale, bias,
                                                  output_scale, out_dtype)
 

@@ -104,9 +104,12 @@ def test_allocated_cache_is_quantized(llm):
     element, and the layers run the gemma_mobile impl."""
     from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache
 
+    llm.generate(["Hello"], _greedy(2))  # one real forward: the impls pick their kernels at the first call
     layers = llm.apply_model(describe_kv_cache)[0]
     assert [x["bits"] for x in layers] == [8, 8, 8, 8, 8, 4]
     assert [x["impl"] for x in layers] == ["GemmaMobileKV8Impl"] * 5 + ["GemmaMobileKV4Impl"]
+    # that forward ran the C++ kernels over the codes (kernels/cpu_kv.py), not the torch reference
+    assert {x["kernels"] for x in layers} == {"kernels.cpu_kv.paged_attention"}
     assert all(x["dtype"] == "torch.uint8" for x in layers)
     # 1 KV head x head_dim 32 x (K + V): int8 64 B/token, int4 32 B/token (bf16 would be 128)
     assert [x["bytes_per_token"] for x in layers] == [64.0] * 5 + [32.0]

@@ -1,6 +1,8 @@
 """The quantized hybrid KV cache inside vLLM (CPU path): an attention backend per cache width (int8 / int4)
 whose per-layer KV spec is a byte page (so vLLM really allocates 1 or 0.5 byte per element), which quantizes
-on write and attends over the quantized blocks with the torch reference of `kernels/kvcache.py`.
+on write and attends over the quantized blocks: on CPU with `kernels/cpu_kv.py` (C++, AVX2; the torch reference
+`kernels/kvcache.py` where the extension cannot be built or `GEMMA_MOBILE_BACKEND=torch`), on CUDA with
+`kernels/kvcache_triton.py`. `kv_kernels(device)` makes that choice, once per layer.
 
 Page (one per block, vLLM's `[num_blocks, num_kv_heads, block_size, C]` uint8 view): each token row holds the
 K codes then the V codes, `C = 2 * head_dim` bytes (int8) or `2 * head_dim / 2` (int4, two codes per byte,
@@ -21,6 +23,7 @@ the target layer at the first forward).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -32,9 +35,37 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from kernels import cpu_packed
+
+from kernels import cpu_kv
 from kernels import kvcache as kvc
+
+logger = init_logger("vllm.gemma_mobile.kv_attention")
+_WARNED = False
+
+
+def kv_kernels(device: torch.device) -> tuple:
+    """(write, attend) for a cache on ``device``: Triton on CUDA; on CPU the C++ kernels (`kernels.cpu_kv`), or the
+    torch reference (same numerics, ~15 torch ops per request and layer) when `GEMMA_MOBILE_BACKEND=torch` or the
+    extension cannot be built (logged once)."""
+    global _WARNED
+    if device.type == "cuda":
+        from kernels.kvcache_triton import paged_attention_triton, write_kv_cache_triton
+
+        return write_kv_cache_triton, paged_attention_triton
+    forced = os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower()
+    if forced != "torch":
+        ok, why = cpu_packed.status()
+        if ok:
+            return cpu_kv.write_kv_cache, cpu_kv.paged_attention
+        if not _WARNED:
+            logger.warning("gemma_mobile: C++ KV-cache kernels unavailable (%s); the quantized KV cache runs on the "
+                           "torch reference (same numerics, slower)", why)
+            _WARNED = True
+    return kvc.write_kv_cache, kvc.paged_attention
 
 
 @dataclass
@@ -87,6 +118,7 @@ class GemmaMobileKVImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.k_scale: float | None = None  # set by GemmaMobileKVCacheMethod after loading (f32 values)
         self.v_scale: float | None = None
+        self._kv_kernels: tuple | None = None  # (write, attend), chosen at the first call (`kv_kernels`)
 
     def set_scales(self, k_scale: float, v_scale: float) -> None:
         self.k_scale, self.v_scale = k_scale, v_scale
@@ -109,12 +141,12 @@ class GemmaMobileKVImpl(AttentionImpl):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         ks, vs = self._scales()
-        if kv_cache.is_cuda:  # GPU: the Triton kernels (same semantics, kernels/kvcache_triton.py)
-            from kernels.kvcache_triton import write_kv_cache_triton
+        self._kernels(kv_cache)[0](kv_cache, key, value, slot_mapping, ks, vs, self.bits)
 
-            write_kv_cache_triton(kv_cache, key, value, slot_mapping, ks, vs, self.bits)
-            return
-        kvc.write_kv_cache(kv_cache, key, value, slot_mapping, ks, vs, self.bits)
+    def _kernels(self, kv_cache: torch.Tensor) -> tuple:
+        if self._kv_kernels is None:
+            self._kv_kernels = kv_kernels(kv_cache.device)
+        return self._kv_kernels
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: GemmaMobileKVMetadata | None, output: torch.Tensor,
@@ -126,10 +158,7 @@ class GemmaMobileKVImpl(AttentionImpl):
             return output
         ks, vs = self._scales()
         n = attn_metadata.num_actual_tokens
-        attend = kvc.paged_attention
-        if kv_cache.is_cuda:  # GPU: the Triton kernel (same semantics, reads the codes in place)
-            from kernels.kvcache_triton import paged_attention_triton as attend
-        attend(query[:n], kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
+        self._kernels(kv_cache)[1](query[:n], kv_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
                attn_metadata.block_table, ks, vs, self.bits, self.scale,
                sliding_window=self.sliding_window, softcap=self.logits_soft_cap,
                causal=attn_metadata.causal, out=output[:n])

