@@ -81,8 +81,53 @@ struct Cache {
 };
 
 constexpr int kKT = 64;  // keys dequantized per tile
+constexpr int kRB = 4;   // score / P.V rows sharing each K / V load (query heads of one position)
+
+// Scores of RB rows (q: RB rows, stride d) against keys [ja, jb) of the dequantized tile kt (first key j0).
+template <int RB>
+inline void scores_rows(const float* q, int64_t d, const float* kt, int64_t j0, int64_t ja, int64_t jb, float scale,
+                        float softcap, float* sc, int64_t nk, int64_t k0) {
+  for (int64_t j = ja; j < jb; ++j) {
+    const float* kr = kt + (j - j0) * d;
+    __m256 acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) {
+      const __m256 kv = _mm256_loadu_ps(kr + e);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), kv, acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      float s = hsum8(acc[r]) * scale;
+      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+      sc[r * nk + (j - k0)] = s;
+    }
+  }
+}
+
+// o[RB rows, stride d] += sum_{j in [ja, jb)} p[r, j] * v_j (vt: the dequantized V tile, first key j0).
+template <int RB>
+inline void pv_rows(const float* p, int64_t nk, int64_t k0, const float* vt, int64_t j0, int64_t ja, int64_t jb,
+                    int64_t d, float* o) {
+  for (int64_t e = 0; e < d; e += 8) {
+    __m256 acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm256_loadu_ps(o + r * d + e);
+    for (int64_t j = ja; j < jb; ++j) {
+      const __m256 vv = _mm256_loadu_ps(vt + (j - j0) * d + e);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * nk + (j - k0)), vv, acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e, acc[r]);
+  }
+}
+
+#define GM_RB_DISPATCH(n, FN, ...)                   \
+  switch (n) {                                      \
+    case 1: FN<1>(__VA_ARGS__); break;              \
+    case 2: FN<2>(__VA_ARGS__); break;              \
+    case 3: FN<3>(__VA_ARGS__); break;              \
+    default: FN<4>(__VA_ARGS__); break;             \
+  }
 
 // One work item: request r's queries [qa, qb) (positions first_pos + .. ) x the g query heads of kv head h.
+// Rows r = i * g + gi; the g rows of one query position see the same keys and are processed in blocks of kRB.
 template <typename T, int BITS>
 void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_st, int64_t o_sh, const Cache& c,
                  const int64_t* table, int64_t h, int64_t g, int64_t d, int64_t first_pos, int64_t qa, int64_t qb,
@@ -93,25 +138,23 @@ void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_s
   int64_t k0 = kstart, k1 = kend;
   if (causal) k1 = std::min(k1, first_pos + qb);
   if (window > 0 && causal) k0 = std::max(k0, first_pos + qa - window + 1);
-  std::vector<float> qf(rows * d), of(rows * d, 0.f), sc(rows * std::max<int64_t>(k1 - k0, 1));
+  const int64_t nk = std::max<int64_t>(k1 - k0, 1);
+  std::vector<float> qf(rows * d), of(rows * d, 0.f), sc(rows * nk);  // sc[r * nk + (j - k0)]: row r, key j
   std::vector<float> kv(kKT * d);
-  std::vector<int64_t> lo(rows), hi(rows);  // visible keys [lo, hi) per row
+  std::vector<int64_t> lo(nq), hi(nq);  // visible keys [lo, hi) per query position
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t pos = first_pos + qa + i;
     int64_t a = k0, b = k1;
     if (causal) b = std::min(b, pos + 1);
     if (window > 0) a = std::max(a, pos - window + 1);
+    lo[i] = a, hi[i] = std::max(a, b);
     for (int64_t gi = 0; gi < g; ++gi) {
-      const int64_t r = i * g + gi;
-      lo[r] = a, hi[r] = std::max(a, b);
       const T* src = query + (qa + i) * q_st + (h * g + gi) * q_sh;
-      for (int64_t e = 0; e < d; ++e) qf[r * d + e] = static_cast<float>(src[e]);
+      float* dst = qf.data() + (i * g + gi) * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]);
     }
   }
   const __m256 ksv = _mm256_set1_ps(ks), vsv = _mm256_set1_ps(vs);
-  const float ninf = -std::numeric_limits<float>::infinity();
-  std::fill(sc.begin(), sc.end(), ninf);
-  const int64_t nk = k1 - k0;
   auto dequant = [&](int64_t j0, int64_t j1, int64_t off, __m256 s) {  // keys [j0, j1) -> kv (off: 0 = K, cb = V)
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* row = c.row(table[j / c.bs], h, j % c.bs) + off;
@@ -123,41 +166,39 @@ void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_s
   for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
     const int64_t j1 = std::min(k1, j0 + kKT);
     dequant(j0, j1, 0, ksv);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t a = std::max(j0, lo[r]), b = std::min(j1, hi[r]);
-      const float* q = qf.data() + r * d;
-      for (int64_t j = a; j < b; ++j) {
-        const float* kr = kv.data() + (j - j0) * d;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t e = 0; e < d; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(kr + e), acc);
-        float s = hsum8(acc) * scale;
-        if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-        sc[r * nk + (j - k0)] = s;
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
+      if (a >= b) continue;
+      for (int64_t g0 = 0; g0 < g; g0 += kRB) {
+        const int64_t r = i * g + g0;
+        GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), scores_rows, qf.data() + r * d, d, kv.data(), j0, a, b, scale,
+                       softcap, sc.data() + r * nk, nk, k0)
       }
     }
   }
-  // Softmax (masked entries stay -inf -> 0).
+  // Softmax over each row's visible keys.
   for (int64_t r = 0; r < rows; ++r) {
-    float* p = sc.data() + r * nk;
-    if (hi[r] <= lo[r]) continue;
-    float m = ninf;
-    for (int64_t j = lo[r]; j < hi[r]; ++j) m = std::max(m, p[j - k0]);
+    const int64_t i = r / g;
+    if (hi[i] <= lo[i]) continue;
+    float* p = sc.data() + (r * nk + (lo[i] - k0));  // p[0 .. hi - lo): the row's visible keys
+    const int64_t n = hi[i] - lo[i];
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
     float sum = 0.f;
-    for (int64_t j = lo[r]; j < hi[r]; ++j) sum += (p[j - k0] = std::exp(p[j - k0] - m));
-    for (int64_t j = lo[r]; j < hi[r]; ++j) p[j - k0] /= sum;
+    for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+    for (int64_t j = 0; j < n; ++j) p[j] /= sum;
   }
   // P @ V.
   for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
     const int64_t j1 = std::min(k1, j0 + kKT);
     dequant(j0, j1, c.cb, vsv);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t a = std::max(j0, lo[r]), b = std::min(j1, hi[r]);
-      float* o = of.data() + r * d;
-      for (int64_t j = a; j < b; ++j) {
-        const __m256 pj = _mm256_set1_ps(sc[r * nk + (j - k0)]);
-        const float* vr = kv.data() + (j - j0) * d;
-        for (int64_t e = 0; e < d; e += 8)
-          _mm256_storeu_ps(o + e, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + e), _mm256_loadu_ps(o + e)));
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
+      if (a >= b) continue;
+      for (int64_t g0 = 0; g0 < g; g0 += kRB) {
+        const int64_t r = i * g + g0;
+        GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), pv_rows, sc.data() + r * nk, nk, k0, kv.data(), j0, a, b, d,
+                       of.data() + r * d)
       }
     }
   }

@@ -234,14 +234,20 @@ void tiled_mm(const X* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, c
   using R = std::conditional_t<std::is_same_v<X, float>, float, int32_t>;
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
   if (m > 1) {
+    // Blocks of mb activation rows (<= ~96 KB, so a block stays in L2 while every weight row of the thread's
+    // range passes over it; without blocking, a prefill's whole X streamed from L3/DRAM once per weight row).
+    const int64_t mb = std::max<int64_t>(kMR, (int64_t)(96 * 1024) / (kp * (int64_t)sizeof(X)) / kMR * kMR);
     at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
       R res[kMR];
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t i0 = 0; i0 < m; i0 += kMR) {
-          const int64_t mr = std::min<int64_t>(kMR, m - i0);
-          dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
-          for (int64_t i = 0; i < mr; ++i) store(i0 + i, r, res[i]);
-        }
+      for (int64_t b0 = 0; b0 < m; b0 += mb) {
+        const int64_t b1 = std::min(m, b0 + mb);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t i0 = b0; i0 < b1; i0 += kMR) {
+            const int64_t mr = std::min<int64_t>(kMR, b1 - i0);
+            dot_m_dispatch<BITS>(w + r * rb, xp + i0 * kp, kp, ng, mr, res);
+            for (int64_t i = 0; i < mr; ++i) store(i0 + i, r, res[i]);
+          }
+      }
     });
     return;
   }

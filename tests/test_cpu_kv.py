@@ -189,3 +189,21 @@ def test_bad_input_errors():
                                0.1, 0.1, 8, 0.25)
     assert math.isfinite(float(cpu_kv.paged_attention(q, cache, torch.tensor([0, 1]), torch.tensor([1]),
                                                       torch.zeros(1, 1, dtype=torch.long), 0.1, 0.1, 8, 0.25)[0, 0, 0]))
+
+
+def test_bound_rejects_a_one_percent_scale_error():
+    """The derived bound is tight enough to catch a wrong K scale (1 %) in the read path."""
+    torch.manual_seed(3)
+    hq, h, d, bs, n, bits = 4, 1, 64, 8, 40, 8
+    cache, tables = _scattered([n], h, d, bits, bs, 8, seed=3)
+    k = (torch.randn(n, h, d) * 2).bfloat16()
+    v = torch.randn(n, h, d).bfloat16()
+    cpu_kv.write_kv_cache(cache, k, v, _slots(tables, 0, 0, n, bs), 0.04, 0.03, bits)
+    q = torch.randn(n, hq, d).bfloat16()
+    args = (q, cache, torch.tensor([0, n]), torch.tensor([n]), tables)
+    ref = kvc.paged_attention(*args, 0.04, 0.03, bits, d ** -0.5)
+    bad = cpu_kv.paged_attention(*args, 0.04 * 1.01, 0.03, bits, d ** -0.5)
+    bound = _bound(q, kvc.fake_quant_kv(k, 0.04, bits), kvc.fake_quant_kv(v, 0.03, bits), d ** -0.5, None, None,
+                   torch.arange(n))
+    allowed = bound + _ulp(torch.maximum(bad.double().abs(), ref.double().abs()), torch.bfloat16)
+    assert not bool(((bad.double() - ref.double()).abs() <= allowed).all())

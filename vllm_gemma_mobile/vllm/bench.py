@@ -12,7 +12,8 @@ Per stream count S (S distinct prompts submitted together, greedy, ignore_eos):
 
 Per model also: `memory_after_load` / `memory_at_end`, VmRSS/VmHWM (bytes, /proc/<pid>/status) of the child and
 every descendant (vLLM's EngineCore process holds the weights; `weights_holder` names the largest VmRSS), and
-`load_log`, vLLM's own "Loading weights took" / "Model loading took" lines. GEMMA_MOBILE_BENCH_LOG_DIR=DIR
+`load_log`, vLLM's own "Loading weights took" / "Model loading took" lines, and `kept_bytes`, every tensor
+the loaded model keeps by component (`inspect_model.kept_bytes`; `weights_ratio` = bf16 / mobile weights_total). GEMMA_MOBILE_BENCH_LOG_DIR=DIR
 also keeps each child's full stdout/stderr there (<model dir name>.log; KV mode: <name>-kv-<mode>.log), written
 as it runs.
 
@@ -58,6 +59,7 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model with our functions (kept_bytes)
     return env
 
 
@@ -125,13 +127,21 @@ def _engine(model: str, extra: list[str]):
     return llm, time.perf_counter() - t0
 
 
+def kept_bytes(model: Any) -> dict[str, int]:
+    """The model's resident weight bytes by component (`inspect_model.kept_bytes`; runs in the worker)."""
+    from vllm_gemma_mobile.vllm.inspect_model import kept_bytes as kb
+
+    return kb(model)
+
+
 def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[str], out: str) -> None:
     from vllm import SamplingParams
 
     llm, startup = _engine(model, extra)
     quant = llm.llm_engine.model_config.quantization
     res: dict[str, Any] = {"model": model, "quantization": quant, "startup_s": round(startup, 1),
-                           "memory_after_load": proc_tree_memory(), "streams": {}}
+                           "memory_after_load": proc_tree_memory(), "streams": {},
+                           "kept_bytes": llm.apply_model(kept_bytes)[0]}
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(PROMPTS[:2], warm, use_tqdm=False)
     for s in streams:
@@ -204,6 +214,9 @@ def bench(model: str, baseline: str, streams: list[int] = (1, 16), tokens: int =
             "ttft": round(result["baseline"]["streams"][str(s)]["ttft_s"]
                           / result["mobile"]["streams"][str(s)]["ttft_s"], 3)}
         for s in streams}
+    wb, wm = (result[k].get("kept_bytes", {}).get("weights_total") for k in ("baseline", "mobile"))
+    if wb and wm:
+        result["weights_ratio"] = round(wb / wm, 3)  # resident weight bytes, bf16 / mobile
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
     return result
