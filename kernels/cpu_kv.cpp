@@ -15,8 +15,9 @@
 //   read:   x_hat = float(T(code * float(s_T)))                                        (codes * s in T)
 //   scores  s_ij = (q_i . k_hat_j) * scale in f32; softcap: tanh(s / cap) * cap; mask: key j visible from
 //           position i iff (!causal || i - j >= 0) && (!window || i - j < window)
-//   softmax p_ij = exp(s_ij - max_j s_ij) / sum_j exp(..) in f32 (a fully masked row gives zeros), o = sum_j p_ij v_hat_j
-//   in f32, stored as T.
+//   e_ij = exp(s_ij - max_j s_ij), o_i = (sum_j e_ij v_hat_j) / (sum_j e_ij) in f32 (a fully masked row gives
+//   zeros), stored as T. A long decode range may be split over threads (ranges of >= 256 keys, flash-decoding):
+//   each split's max / sum / sum e v are merged with the factors exp(max_s - max) before the one division.
 // Exact up to f32 summation order (the dot products and sums are 8-lane partial sums here, torch's BLAS order
 // in the reference) and std::exp / std::tanh vs torch's vectorised ones (a few ulp): the tests bound both.
 #include <immintrin.h>
@@ -31,6 +32,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -126,20 +128,29 @@ inline void pv_rows(const float* p, int64_t nk, int64_t k0, const float* vt, int
     default: FN<4>(__VA_ARGS__); break;             \
   }
 
-// One work item: request r's queries [qa, qb) (positions first_pos + .. ) x the g query heads of kv head h.
-// Rows r = i * g + gi; the g rows of one query position see the same keys and are processed in blocks of kRB.
-template <typename T, int BITS>
-void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_st, int64_t o_sh, const Cache& c,
-                 const int64_t* table, int64_t h, int64_t g, int64_t d, int64_t first_pos, int64_t qa, int64_t qb,
-                 int64_t kstart, int64_t kend, float ks, float vs, float scale, int64_t window, float softcap,
-                 bool causal) {
-  const int64_t nq = qb - qa, rows = nq * g;
-  // The key range this tile can see.
-  int64_t k0 = kstart, k1 = kend;
+// The keys [k0, k1) a tile of queries [qa, qb) (positions first_pos + ..) of a seq_len-token request can see.
+inline std::pair<int64_t, int64_t> tile_keys(int64_t first_pos, int64_t qa, int64_t qb, int64_t seq_len,
+                                             int64_t window, bool causal) {
+  int64_t k0 = 0, k1 = seq_len;
   if (causal) k1 = std::min(k1, first_pos + qb);
-  if (window > 0 && causal) k0 = std::max(k0, first_pos + qa - window + 1);
+  if (window > 0 && causal) k0 = std::max<int64_t>(k0, first_pos + qa - window + 1);
+  return {k0, std::max(k0, k1)};
+}
+
+// One work unit: request r's queries [qa, qb) x the g query heads of kv head h, over the keys [k0, k1) of its
+// visible range (all of it, or one split of a long decode range). Rows r = i * g + gi; the g rows of one query
+// position see the same keys and are processed in blocks of kRB. Writes the UNNORMALISED partial softmax of
+// each row: pm[r] = max score (-inf if the row sees no key here), pl[r] = sum exp(s - pm), po[r] = sum
+// exp(s - pm) v (f32, [rows, d]); `combine` merges the splits and divides.
+template <typename T, int BITS>
+void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, const int64_t* table, int64_t h,
+                 int64_t g, int64_t d, int64_t first_pos, int64_t qa, int64_t qb, int64_t k0, int64_t k1, float ks,
+                 float vs, float scale, int64_t window, float softcap, bool causal, float* pm, float* pl, float* po) {
+  const int64_t nq = qb - qa, rows = nq * g;
   const int64_t nk = std::max<int64_t>(k1 - k0, 1);
-  std::vector<float> qf(rows * d), of(rows * d, 0.f), sc(rows * nk);  // sc[r * nk + (j - k0)]: row r, key j
+  float* of = po;
+  std::fill(of, of + rows * d, 0.f);
+  std::vector<float> qf(rows * d), sc(rows * nk);  // sc[r * nk + (j - k0)]: row r, key j
   std::vector<float> kv(kKT * d);
   std::vector<int64_t> lo(nq), hi(nq);  // visible keys [lo, hi) per query position
   for (int64_t i = 0; i < nq; ++i) {
@@ -148,6 +159,7 @@ void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_s
     if (causal) b = std::min(b, pos + 1);
     if (window > 0) a = std::max(a, pos - window + 1);
     lo[i] = a, hi[i] = std::max(a, b);
+    for (int64_t gi = 0; gi < g; ++gi) pm[i * g + gi] = -std::numeric_limits<float>::infinity(), pl[i * g + gi] = 0.f;
     for (int64_t gi = 0; gi < g; ++gi) {
       const T* src = query + (qa + i) * q_st + (h * g + gi) * q_sh;
       float* dst = qf.data() + (i * g + gi) * d;
@@ -176,7 +188,7 @@ void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_s
       }
     }
   }
-  // Softmax over each row's visible keys.
+  // exp(s - max) over each row's visible keys (normalised in `combine`).
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = r / g;
     if (hi[i] <= lo[i]) continue;
@@ -186,7 +198,7 @@ void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_s
     for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
     float sum = 0.f;
     for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
-    for (int64_t j = 0; j < n; ++j) p[j] /= sum;
+    pm[r] = m, pl[r] = sum;
   }
   // P @ V.
   for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
@@ -198,16 +210,30 @@ void attend_tile(const T* query, int64_t q_st, int64_t q_sh, T* out, int64_t o_s
       for (int64_t g0 = 0; g0 < g; g0 += kRB) {
         const int64_t r = i * g + g0;
         GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), pv_rows, sc.data() + r * nk, nk, k0, kv.data(), j0, a, b, d,
-                       of.data() + r * d)
+                       of + r * d)
       }
     }
   }
-  for (int64_t i = 0; i < nq; ++i)
-    for (int64_t gi = 0; gi < g; ++gi) {
-      T* dst = out + (qa + i) * o_st + (h * g + gi) * o_sh;
-      const float* o = of.data() + (i * g + gi) * d;
-      for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(o[e]);
-    }
+}
+
+// Merge the ns partials of one row (stride `ps` floats between splits for pm/pl, `os` for po) and store
+// o = sum_s po_s exp(pm_s - M) / sum_s pl_s exp(pm_s - M), M = max_s pm_s (zeros if the row saw no key).
+template <typename T>
+inline void combine(const float* pm, const float* pl, const float* po, int64_t ns, int64_t ps, int64_t os, int64_t d,
+                    T* dst) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < ns; ++s) m = std::max(m, pm[s * ps]);
+  if (m == -std::numeric_limits<float>::infinity()) {
+    for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<T>(0.f);
+    return;
+  }
+  float l = 0.f, w[64];
+  for (int64_t s = 0; s < ns; ++s) l += pl[s * ps] * (w[s] = std::exp(pm[s * ps] - m));
+  for (int64_t e = 0; e < d; ++e) {
+    float o = 0.f;
+    for (int64_t s = 0; s < ns; ++s) o += po[s * os + e] * w[s];
+    dst[e] = static_cast<T>(o / l);
+  }
 }
 
 Cache cache_view(const at::Tensor& cache, int64_t d, int64_t bits) {
@@ -237,31 +263,66 @@ void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const 
   TORCH_CHECK(qsl.size(0) >= nreq + 1 && table.size(0) >= nreq, "kv_paged_attention: metadata sizes disagree");
   const int64_t* qp = qsl.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  // Work items: (request, kv head, query tile of <= 64 rows).
+  // Work items: (request, kv head, query tile of <= 64 rows). When there are fewer items than threads (decode of
+  // a few requests: Gemma has 1 kv head), an item's keys are split into ranges of >= 256 keys computed in
+  // parallel and merged (flash-decoding); otherwise one split per item.
   const int64_t qt = std::max<int64_t>(1, 64 / g);
-  struct Item { int64_t r, h, qa, qb; };
+  struct Item { int64_t r, h, qa, qb, k0, k1, ns, unit0; };
   std::vector<Item> items;
   for (int64_t r = 0; r < nreq; ++r) {
-    const int64_t nq = qp[r + 1] - qp[r];
+    const int64_t nq = qp[r + 1] - qp[r], first = lp[r] - nq;
     for (int64_t hh = 0; hh < h; ++hh)
-      for (int64_t a = 0; a < nq; a += qt) items.push_back({r, hh, a, std::min(nq, a + qt)});
+      for (int64_t a = 0; a < nq; a += qt) {
+        const int64_t b = std::min(nq, a + qt);
+        const auto [k0, k1] = tile_keys(first, a, b, lp[r], window, causal);
+        items.push_back({r, hh, a, b, k0, k1, 1, 0});
+      }
   }
+  const int64_t nthreads = at::get_num_threads(), ni = (int64_t)items.size();
+  struct Unit { int64_t item, k0, k1; };
+  std::vector<Unit> units;
+  int64_t max_rows = 0;
+  for (int64_t i = 0; i < ni; ++i) {
+    Item& it = items[i];
+    if (ni < nthreads)
+      it.ns = std::clamp<int64_t>((it.k1 - it.k0) / 256, 1, std::min<int64_t>(64, (nthreads + ni - 1) / ni));
+    it.unit0 = (int64_t)units.size();
+    const int64_t step = ((it.k1 - it.k0 + it.ns - 1) / it.ns + kKT - 1) / kKT * kKT;
+    for (int64_t s = 0; s < it.ns; ++s)
+      units.push_back({i, std::min(it.k1, it.k0 + s * step), std::min(it.k1, it.k0 + (s + 1) * step)});
+    max_rows = std::max(max_rows, (it.qb - it.qa) * g);
+  }
+  // Partials of every unit: pm, pl [max_rows] and po [max_rows, d].
+  const int64_t ustride = max_rows * (d + 2);
+  std::vector<float> part(units.size() * ustride);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const float ks = static_cast<float>(static_cast<T>(static_cast<float>(k_scale)));
     const float vs = static_cast<float>(static_cast<T>(static_cast<float>(v_scale)));
     const T* qd = query.data_ptr<T>();
     T* od = out.data_ptr<T>();
-    at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, (int64_t)units.size(), 1, [&](int64_t b, int64_t e) {
+      for (int64_t u = b; u < e; ++u) {
+        const Item& it = items[units[u].item];
+        const int64_t q0 = qp[it.r], first = lp[it.r] - (qp[it.r + 1] - q0);
+        const int64_t* tb = table.data_ptr<int64_t>() + it.r * table.stride(0);
+        float* pu = part.data() + u * ustride;
+        auto f = bits == 8 ? &attend_part<T, 8> : &attend_part<T, 4>;
+        f(qd + q0 * query.stride(0), query.stride(0), query.stride(1), c, tb, it.h, g, d, first, it.qa, it.qb,
+          units[u].k0, units[u].k1, ks, vs, (float)scale, window, (float)softcap, causal, pu, pu + max_rows,
+          pu + 2 * max_rows);
+      }
+    });
+    at::parallel_for(0, ni, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const Item& it = items[i];
-        const int64_t q0 = qp[it.r], nq = qp[it.r + 1] - q0, seq = lp[it.r], first = seq - nq;
-        const T* qr = qd + q0 * query.stride(0);
-        T* orow = od + q0 * out.stride(0);
-        const int64_t* tb = table.data_ptr<int64_t>() + it.r * table.stride(0);
-        auto f = bits == 8 ? &attend_tile<T, 8> : &attend_tile<T, 4>;
-        f(qr, query.stride(0), query.stride(1), orow, out.stride(0), out.stride(1), c, tb, it.h, g, d, first, it.qa,
-          it.qb, 0, seq, ks, vs, (float)scale, window, (float)softcap, causal);
+        const float* pu = part.data() + it.unit0 * ustride;
+        for (int64_t qi = 0; qi < it.qb - it.qa; ++qi)
+          for (int64_t gi = 0; gi < g; ++gi) {
+            const int64_t r = qi * g + gi;
+            combine<T>(pu + r, pu + max_rows + r, pu + 2 * max_rows + r * d, it.ns, ustride, ustride, d,
+                       od + (qp[it.r] + it.qa + qi) * out.stride(0) + (it.h * g + gi) * out.stride(1));
+          }
       }
     });
   };

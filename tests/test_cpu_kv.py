@@ -207,3 +207,29 @@ def test_bound_rejects_a_one_percent_scale_error():
                    torch.arange(n))
     allowed = bound + _ulp(torch.maximum(bad.double().abs(), ref.double().abs()), torch.bfloat16)
     assert not bool(((bad.double() - ref.double()).abs() <= allowed).all())
+
+
+@pytest.mark.parametrize("bits,window", [(8, 700), (4, None)])
+def test_split_decode_matches_reference(bits, window):
+    """One long decoding request on 4 threads: its keys are split into ranges (flash-decoding) whose partial
+    softmaxes are merged; the merged output stays within the bound (the merge's rescaling adds a few u per
+    weight, covered by the (n + 8) u term)."""
+    torch.manual_seed(bits)
+    hq, h, d, bs, n = 4, 1, 256, 16, 1500
+    cache, tables = _scattered([n], h, d, bits, bs, n // bs + 2, seed=bits)
+    k = (torch.randn(n, h, d) * 2).bfloat16()
+    v = torch.randn(n, h, d).bfloat16()
+    cpu_kv.write_kv_cache(cache, k, v, _slots(tables, 0, 0, n, bs), 0.04, 0.03, bits)
+    q = torch.randn(1, hq, d).bfloat16()
+    args = (q, cache, torch.tensor([0, 1]), torch.tensor([n]), tables, 0.04, 0.03, bits, d ** -0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        got = cpu_kv.paged_attention(*args, sliding_window=window)
+    finally:
+        torch.set_num_threads(threads)
+    ref = kvc.paged_attention(*args, sliding_window=window)
+    bound = _bound(q, kvc.fake_quant_kv(k, 0.04, bits), kvc.fake_quant_kv(v, 0.03, bits), d ** -0.5, window, None,
+                   torch.tensor([n - 1]))
+    allowed = bound + _ulp(torch.maximum(got.double().abs(), ref.double().abs()), torch.bfloat16)
+    assert bool(((got.double() - ref.double()).abs() <= allowed).all())
