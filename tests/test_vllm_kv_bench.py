@@ -128,3 +128,26 @@ def test_kv_compare(mobile, tmp_path, capsys, monkeypatch):
         assert "skipped" in r["bf16"]["contexts"][str(c)]["streams"]["2"]
         assert rat["contexts"][str(c)]["decode"]["2"] is None
     assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == "1"  # the parent's environment is untouched
+
+
+def test_decode_bench(mobile, tiny_gemma3, tmp_path, capsys):
+    """`gemma-mobile bench MODEL --baseline BASE` (vllm/bench.py: bench) end to end on the tiny pair: both children
+    run, the JSON has the decode figures and every tensor each loaded model keeps, by component (the mobile
+    side's table and linears stay packed: its weights_total is below the bf16 twin's). A functional check, not
+    a timing test."""
+    from vllm_gemma_mobile.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", str(mobile), "--baseline", str(tiny_gemma3), "--streams", "1", "2", "--tokens", "4", "--reps", "1",
+          "--out", str(out), "--enforce-eager", "--max-model-len", "256"])
+    r = json.loads(out.read_text())
+    for side in ("baseline", "mobile"):
+        run = r[side]
+        assert set(run["streams"]) == {"1", "2"}
+        assert all(v["decode_tok_s"] > 0 and v["ttft_s"] > 0 for v in run["streams"].values())
+        assert run["kept_bytes"]["weights_total"] > 0
+    assert r["mobile"]["quantization"] == "gemma_mobile" and r["baseline"]["quantization"] is None
+    assert r["weights_ratio"] == pytest.approx(r["baseline"]["kept_bytes"]["weights_total"]
+                                               / r["mobile"]["kept_bytes"]["weights_total"], abs=1e-3)
+    assert r["weights_ratio"] > 1.0
+    assert set(r["speedup"]) == {"1", "2"}

@@ -127,15 +127,12 @@ def _engine(model: str, extra: list[str]):
     return llm, time.perf_counter() - t0
 
 
-def kept_bytes(model: Any) -> dict[str, int]:
-    """The model's resident weight bytes by component (`inspect_model.kept_bytes`; runs in the worker)."""
-    from vllm_gemma_mobile.vllm.inspect_model import kept_bytes as kb
-
-    return kb(model)
-
-
 def _child(model: str, streams: list[int], tokens: int, reps: int, extra: list[str], out: str) -> None:
     from vllm import SamplingParams
+
+    # apply_model pickles the function by reference: it must live in an importable module (this one runs as
+    # __main__ in the child)
+    from vllm_gemma_mobile.vllm.inspect_model import kept_bytes
 
     llm, startup = _engine(model, extra)
     quant = llm.llm_engine.model_config.quantization
