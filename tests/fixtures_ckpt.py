@@ -415,3 +415,25 @@ def served(model: str | Path, log_path: Path, max_model_len: int, health_timeout
             pass
         proc.wait()
         log.close()
+
+
+def kv_chunk_steps(chunks: list[list[int]], tables, block_size: int, q: list, k: list, v: list):
+    """Mixed batches of a paged-KV test: at step i every request r with a chunk left processes its next
+    `chunks[r][i]` tokens. Yields (reqs, q, k, v, slot_mapping, query_start_loc, seq_lens, spans): the batch's
+    concatenated rows, vLLM-style metadata (slots through `tables`, `block_size`-token blocks) and, per request
+    in the batch, its (first, end) positions."""
+    import torch
+
+    done = [0] * len(chunks)
+    for step in range(max(len(c) for c in chunks)):
+        reqs = [r for r in range(len(chunks)) if step < len(chunks[r])]
+        qs, ks, vs, slots, qsl, seq, spans = [], [], [], [], [0], [], []
+        for r in reqs:
+            a, b = done[r], done[r] + chunks[r][step]
+            qs.append(q[r][a:b]); ks.append(k[r][a:b]); vs.append(v[r][a:b])
+            pos = torch.arange(a, b)
+            slots.append(tables[r, pos // block_size] * block_size + pos % block_size)
+            qsl.append(qsl[-1] + b - a); seq.append(b); spans.append((a, b))
+            done[r] = b
+        yield (reqs, torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(slots), torch.tensor(qsl),
+               torch.tensor(seq), spans)

@@ -9,12 +9,17 @@ within the bound can round to neighbouring bf16 values).
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import cpu_kv
 from kernels import kvcache as kvc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_ckpt import kv_chunk_steps  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_kv.available(), reason="C++ kernels not buildable here (no AVX2)")
 
@@ -107,29 +112,18 @@ def test_paged_attention_matches_reference(bits, window, softcap, dtype):
     q = [torch.randn(n, hq, d).to(dtype) for n in lens]
     k = [(torch.randn(n, h, d) * 2).to(dtype) for n in lens]
     v = [torch.randn(n, h, d).to(dtype) for n in lens]
-    done = [0, 0, 0]
-    for step in range(max(len(c) for c in chunks)):
-        reqs = [r for r in range(3) if step < len(chunks[r])]
-        qs, ks, vs, slots, qsl, seq = [], [], [], [], [0], []
-        for r in reqs:
-            a, b = done[r], done[r] + chunks[r][step]
-            qs.append(q[r][a:b]); ks.append(k[r][a:b]); vs.append(v[r][a:b])
-            slots.append(_slots(tables, r, a, b, bs))
-            qsl.append(qsl[-1] + b - a); seq.append(b)
-        cpu_kv.write_kv_cache(cache, torch.cat(ks), torch.cat(vs), torch.cat(slots), k_scale, v_scale, bits)
-        args = (torch.cat(qs), cache, torch.tensor(qsl), torch.tensor(seq), tables[reqs], k_scale, v_scale, bits,
-                scale)
+    for reqs, qb, kb, vb, slots, qsl, seq, spans in kv_chunk_steps(chunks, tables, bs, q, k, v):
+        cpu_kv.write_kv_cache(cache, kb, vb, slots, k_scale, v_scale, bits)
+        args = (qb, cache, qsl, seq, tables[reqs], k_scale, v_scale, bits, scale)
         ref = kvc.paged_attention(*args, sliding_window=window, softcap=softcap)
         got = cpu_kv.paged_attention(*args, sliding_window=window, softcap=softcap)
-        for i, r in enumerate(reqs):
-            a, b = done[r], seq[i]
+        for i, (r, (a, b)) in enumerate(zip(reqs, spans)):
             kd, vd = kvc.fake_quant_kv(k[r][:b], k_scale, bits), kvc.fake_quant_kv(v[r][:b], v_scale, bits)
             bound = _bound(q[r][a:b], kd, vd, scale, window, softcap, torch.arange(a, b))
             g_, r_ = got[qsl[i]:qsl[i + 1]].double(), ref[qsl[i]:qsl[i + 1]].double()
             allowed = bound + _ulp(torch.maximum(g_.abs(), r_.abs()), dtype)
-            assert bool(((g_ - r_).abs() <= allowed).all()), f"request {r} step {step}: max excess " \
+            assert bool(((g_ - r_).abs() <= allowed).all()), f"request {r} at {a}:{b}: max excess " \
                 f"{float(((g_ - r_).abs() - allowed).max())}"
-            done[r] = b
 
 
 @pytest.mark.parametrize("bits,d", [(8, 256), (4, 512)])

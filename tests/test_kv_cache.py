@@ -5,11 +5,16 @@ dequantized K/V (prefill, chunked prefill, decode, mixed batch, sliding window, 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import kvcache as kvc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fixtures_ckpt import kv_chunk_steps  # noqa: E402
 
 
 def _naive_codes(x: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
@@ -134,23 +139,13 @@ def test_paged_attention_matches_dense(bits, window, softcap):
     k = [torch.randn(n, h, d).bfloat16() * 2 for n in lens]
     v = [torch.randn(n, h, d).bfloat16() for n in lens]
     got = [torch.empty(n, hq, d, dtype=torch.bfloat16) for n in lens]
-    done = [0, 0, 0]
     scale = d ** -0.5
-    for step in range(max(len(c) for c in chunks)):
-        reqs = [r for r in range(3) if step < len(chunks[r])]
-        qs, ks, vs, slots, qsl, seq = [], [], [], [], [0], []
-        for r in reqs:
-            a, b = done[r], done[r] + chunks[r][step]
-            qs.append(q[r][a:b]); ks.append(k[r][a:b]); vs.append(v[r][a:b])
-            pos = torch.arange(a, b)
-            slots.append(tables[r, pos // bs] * bs + pos % bs)
-            qsl.append(qsl[-1] + b - a); seq.append(b)
-        kvc.write_kv_cache(cache, torch.cat(ks), torch.cat(vs), torch.cat(slots), k_scale, v_scale, bits)
-        out = kvc.paged_attention(torch.cat(qs), cache, torch.tensor(qsl), torch.tensor(seq), tables[reqs],
-                                  k_scale, v_scale, bits, scale, sliding_window=window, softcap=softcap)
-        for i, r in enumerate(reqs):
-            got[r][done[r]:seq[i]] = out[qsl[i]:qsl[i + 1]]
-            done[r] = seq[i]
+    for reqs, qb, kb, vb, slots, qsl, seq, spans in kv_chunk_steps(chunks, tables, bs, q, k, v):
+        kvc.write_kv_cache(cache, kb, vb, slots, k_scale, v_scale, bits)
+        out = kvc.paged_attention(qb, cache, qsl, seq, tables[reqs], k_scale, v_scale, bits, scale,
+                                  sliding_window=window, softcap=softcap)
+        for i, (r, (a0, b0)) in enumerate(zip(reqs, spans)):
+            got[r][a0:b0] = out[qsl[i]:qsl[i + 1]]
     for r in range(3):
         kd, vd = kvc.fake_quant_kv(k[r], k_scale, bits), kvc.fake_quant_kv(v[r], v_scale, bits)
         ref = _sdpa(q[r], kd, vd, scale, window, softcap)
