@@ -135,8 +135,8 @@ def quantize_int8(x: torch.Tensor, scale: ScaleLike) -> torch.Tensor:
     return reference.quantize_int8(x, scale)
 
 
-def check_scale_values(name: str, s: torch.Tensor) -> None:
-    """Load-time check: every element finite and > 0, else ValueError."""
+def check_scale_values(name: str, s: torch.Tensor | float) -> None:
+    """Load-time check: every element finite and > 0 (``kernels.scales``), else ValueError."""
     reference.check_scale_values(name, s)
 
 

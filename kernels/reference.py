@@ -16,7 +16,6 @@ the same optional output requantization. Embedding: ``E[t] = q[t] * weight_scale
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional, Union
 
@@ -24,6 +23,7 @@ import torch
 
 from . import cpu_packed
 from .layout import PackedWeight, unpack
+from .scales import invalid_scales
 
 ScaleLike = Union[torch.Tensor, float, None]
 
@@ -44,9 +44,10 @@ def _as_f32_vector(name: str, s: ScaleLike, allowed: tuple[int, ...], device: to
     return s.to(torch.float32).contiguous()
 
 
-def check_scale_values(name: str, s: torch.Tensor) -> None:
-    """Raise ValueError unless every element of ``s`` is finite and > 0 (syncs on CUDA: call at load time)."""
-    if s.numel() and not bool(torch.all(torch.isfinite(s) & (s > 0))):
+def check_scale_values(name: str, s: torch.Tensor | float) -> None:
+    """Raise ValueError unless ``s`` obeys ``kernels.scales``' rule: every element finite and > 0; an empty tensor
+    passes (syncs on CUDA: call at load time)."""
+    if invalid_scales(s):
         raise ValueError(f"{name} must be finite and > 0 (0 = uncalibrated is invalid in our checkpoints)")
 
 
@@ -57,9 +58,7 @@ def _check_cached(name: str, orig: ScaleLike, s: torch.Tensor) -> None:
     """``check_scale_values`` once per (tensor object, in-place version): per-call checks cost ~nothing for the
     persistent scale tensors of a model; Python floats are checked without tensor ops."""
     if isinstance(orig, (int, float)):
-        if not (math.isfinite(orig) and orig > 0):
-            raise ValueError(f"{name} must be finite and > 0 (0 = uncalibrated is invalid in our checkpoints)")
-        return
+        return check_scale_values(name, orig)
     hit = _CHECKED.get(id(orig))
     if hit is not None and hit[0]() is orig and hit[1] == orig._version:
         return

@@ -234,6 +234,29 @@ def test_bad_inputs_raise_value_errors():
         embedding(torch.tensor([1]), w, torch.zeros(6))
 
 
+def test_scale_rule_rejects_nan_inf_zero_negative():
+    """kernels.scales is the one rule (finite and > 0) every checker imports."""
+    from kernels.scales import invalid_scale_mask, invalid_scales
+
+    bad = [math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, -2.0 ** -100]
+    for v in bad:
+        assert invalid_scales(v) and invalid_scales(torch.tensor(v)), v
+        with pytest.raises(ValueError, match="x_scale must be finite and > 0"):
+            R.check_scale_values("x_scale", v)
+    for v in (2.0 ** -100, 0.5, 3e38, 1):
+        assert invalid_scales(v) == [] and invalid_scales(torch.tensor(float(v))) == []
+    s = torch.tensor([1.0, *bad, 2.0])
+    assert invalid_scale_mask(s).tolist() == [False] + [True] * len(bad) + [False]
+    got = invalid_scales(s)  # the first 4 offending values, in order
+    assert len(got) == 4 and math.isnan(got[0]) and got[1:] == [math.inf, -math.inf, 0.0]
+    assert invalid_scales(s, limit=99)[4:] == [0.0, -1.0, -2.0 ** -100]  # -0.0 == 0.0
+    assert invalid_scales(torch.empty(0)) == []  # empty: nothing invalid (callers needing a scale check numel)
+    # allow_zero (Google's activation scales: 0 = identity) admits only 0 / -0.0 in addition
+    assert invalid_scales(0.0, allow_zero=True) == invalid_scales(torch.tensor(-0.0), allow_zero=True) == []
+    for v in (math.nan, math.inf, -math.inf, -1.0):
+        assert invalid_scales(v, allow_zero=True) and invalid_scales(torch.tensor(v), allow_zero=True), v
+
+
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv("GEMMA_MOBILE_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

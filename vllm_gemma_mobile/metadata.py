@@ -22,7 +22,6 @@ parses back to the same double, so the f32 value survives a config round trip bi
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -88,7 +87,9 @@ class LMHeadScales(BaseModel):
     @field_validator("input_scale", "output_scale")
     @classmethod
     def _pos(cls, v: Optional[float]) -> Optional[float]:
-        if v is not None and not (math.isfinite(v) and v > 0):
+        from kernels.scales import invalid_scales  # lazy: keeps this module torch-free
+
+        if v is not None and invalid_scales(v):
             raise ValueError(f" = {v}: a static scale must be finite and > 0 (null = no SRQ on that side)")
         return v
 

@@ -19,6 +19,7 @@ import math
 import torch
 
 from kernels import bitpack
+from kernels.scales import invalid_scales
 
 
 def round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ class StaticInt8(torch.nn.Module):
 
     def __init__(self, scale: float):
         super().__init__()
-        if not (math.isfinite(scale) and scale > 0):
+        if invalid_scales(scale):
             raise ValueError(f"static activation scale must be finite and > 0, got {scale}")
         # learned as a multiplier of the initial scale (Adam's steps are then relative: lr 0.01 = ~1 % per step);
         # scale0 * 1.0 == scale0 exactly, so the first forward is the initial model bit for bit

@@ -30,6 +30,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, PackedvLLMParameter
 
 from kernels import plugin as kplugin
+from kernels.scales import invalid_scale_mask
 from vllm_gemma_mobile.vllm import cpu_ops
 from vllm_gemma_mobile.vllm.linear import backend
 
@@ -99,10 +100,11 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         ws = layer.weight_scale.data.reshape(-1).to(torch.float32)
         org_v = int(getattr(layer, "org_vocab_size", ws.numel()))
         live = ws[:org_v]
-        if not (torch.isfinite(live).all() and (live > 0).all()):
-            bad = int((~torch.isfinite(live) | (live <= 0)).nonzero()[0])
-            raise ValueError(f"gemma_mobile: {getattr(layer, 'prefix', 'embedding')}.weight_scale[{bad}] = "
-                             f"{float(live[bad])}; scales must be positive and finite")
+        bad = invalid_scale_mask(live)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"gemma_mobile: {getattr(layer, 'prefix', 'embedding')}.weight_scale[{i}] = "
+                             f"{float(live[i])}; scales must be positive and finite")
         layer.gm_backend = backend(layer.weight_packed.device)
         if layer.gm_backend == "cpu":
             codes = cpu_ops.unpack_codes(layer.weight_packed.data, self.bits, k)
@@ -153,7 +155,7 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
         if shape != [org_v, k]:
             raise ValueError(f"gemma_mobile: {prefix}.weight_shape = {shape}, the model implies [{org_v}, {k}]")
         live = ws[:org_v]
-        bad = ~torch.isfinite(live) | (live <= 0)
+        bad = invalid_scale_mask(live)
         if bad.any():
             r, c = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"gemma_mobile: {prefix}.weight_scale[{r}, {c}] = {float(live[r, c])}; scales must be "

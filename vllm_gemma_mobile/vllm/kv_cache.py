@@ -12,13 +12,14 @@ stay `auto`: the checkpoint fixes the cache format, so e.g. `--kv-cache-dtype fp
 
 from __future__ import annotations
 
-import math
 import os
 import re
 
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod, KVCacheScaleParameter
+
+from kernels.scales import invalid_scales
 
 # under vLLM's logger tree so INFO lines reach vLLM's handler (a plain module logger only prints warnings)
 logger = init_logger("vllm.gemma_mobile.kv_cache")
@@ -135,7 +136,7 @@ class GemmaMobileKVCacheMethod(BaseKVCacheMethod):
         if self.bits is not None:  # the layer owns a cache: its scales must be in the checkpoint
             base = re.sub(r"\.attn$", "", getattr(layer, "layer_name", "attention"))
             for kind, val in (("k", k), ("v", v)):
-                if not (math.isfinite(val) and val > 0):
+                if invalid_scales(val):
                     raise ValueError(f"gemma_mobile: {base}.{kind}_scale = {val}: kv bits {self.bits} need a "
                                      "finite scale > 0 (missing or invalid in the checkpoint)")
         own = self.bits is not None and shared is None

@@ -43,6 +43,7 @@ from vllm.model_executor.parameter import (
 
 from kernels import cpu_packed
 from kernels import plugin as kplugin
+from kernels.scales import invalid_scale_mask, invalid_scales
 from vllm_gemma_mobile.vllm import cpu_ops
 
 logger = init_logger("vllm.gemma_mobile.linear")  # under vllm's handlers, so it shows in engine logs
@@ -127,13 +128,13 @@ class GemmaMobileLinearMethod(LinearMethodBase):
         for name, s in (("input_scale", s_x), ("output_scale", s_y)):
             if s is None:
                 continue
-            bad = ~torch.isfinite(s) | (s <= 0)
+            bad = invalid_scale_mask(s)
             if bad.any():
                 i = int(bad.nonzero()[0])
                 raise ValueError(f"gemma_mobile: {prefix}.{name}[shard {i}] = {float(s[i])} (missing, zero, "
                                  "negative or non-finite); static activation scales must be positive")
         ws = layer.weight_scale.data.reshape(-1).to(torch.float32)
-        if not (torch.isfinite(ws).all() and (ws > 0).all()):
+        if invalid_scales(ws):
             raise ValueError(f"gemma_mobile: {prefix}.weight_scale has zero/negative/non-finite entries")
         self.backend = backend(layer.weight_packed.device)
         layer.gm_backend = self.backend
