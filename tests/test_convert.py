@@ -159,14 +159,19 @@ def test_round_trips_are_bit_exact(family, ct3, ct4, google3, google4, tmp_path)
     assert qc["quant_method"] == "gemma" and qc["quantize_embeddings"] is True
     assert config(google)["tie_word_embeddings"] is False
     assert torch.equal(g["lm_head.weight"], g["model.embed_tokens.embedding_quantized"])
-    assert float(g["lm_head.input_activation_scale"]) == 0 and float(g["lm_head.output_activation_scale"]) == 0
+    # the recipe's calibrated lm_head SRQ (gemma_mobile.lm_head) becomes the lm_head's own activation scales
+    head = json.loads((ct / "config.json").read_text())["quantization_config"]["gemma_mobile"]["lm_head"]
+    assert float(g["lm_head.input_activation_scale"]) == head["input_scale"] > 0
+    assert float(g["lm_head.output_activation_scale"]) == head["output_scale"] > 0
     assert g["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
     assert g["model.layers.0.self_attn.q_proj.input_activation_scale"].shape == ()
     assert g["model.layers.0.self_attn.k_cache_scale"].dtype == torch.float32
     assert not any(k.endswith(("weight_packed", "weight_shape", "input_scale", ".k_scale")) for k in g)
     if family == "gemma4":
         assert g["model.embed_tokens_per_layer.embedding_scale"].shape[1] == 6  # one per (row, layer block)
-        assert g["model.per_layer_model_projection.weight"].dtype == torch.int8  # 8-bit: plain int8
+        assert g["model.per_layer_model_projection.weight"].dtype == torch.bfloat16  # float, as Google ships it
+        assert "model.layers.0.per_layer_projection.weight" in g and \
+            g["model.layers.0.per_layer_projection.weight"].dtype == torch.int8  # 8-bit: plain int8
         assert "model.layers.4.self_attn.k_cache_scale" not in g  # KV-shared layer
 
 

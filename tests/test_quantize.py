@@ -71,8 +71,10 @@ def test_gemma4_recipes(tiny_gemma4, tmp_path, recipe, shared_mlp_bits, ple_bits
     v, w = t["model.embed_tokens_per_layer.weight_shape"].tolist()
     assert t["model.embed_tokens_per_layer.weight_packed"].shape == (v, w * ple_bits // 32)
     assert t["model.embed_tokens_per_layer.weight_scale"].shape == (v, w // 16)  # one per (row, layer block)
-    n, k = t["model.per_layer_model_projection.weight_shape"].tolist()
-    assert t["model.per_layer_model_projection.weight_packed"].shape == (n, k // 4)  # 8-bit
+    # float, as in Google's checkpoints (format.md): a plain weight, no scales
+    assert t["model.per_layer_model_projection.weight"].dtype == torch.bfloat16
+    assert not any(k.startswith("model.per_layer_model_projection.") and k != "model.per_layer_model_projection.weight"
+                   for k in t)
     assert not any(k.startswith("lm_head") for k in t)
     scales = [v.float() for k, v in t.items() if k.endswith("_scale")]
     assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales)
@@ -91,14 +93,18 @@ def test_roundtrip_reload_gives_identical_logits(tiny_gemma3, tmp_path):
     checkpoint (weights, static in/out activation quant, per-layer KV quant, tied quantized lm_head)."""
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
-    from vllm_gemma_mobile.evaluate.reference import load_reference
+    from vllm_gemma_mobile.evaluate.reference import install_lm_head_srq, load_reference
+    from vllm_gemma_mobile.metadata import parse_metadata
 
     cal = calibrate(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", num_samples=N_SAMPLES, seq_len=SEQ_LEN)
     model = cal.model.eval()
     emb = model.get_input_embeddings()
-    with torch.no_grad():  # the contract's lm_head: the dequantized (tied) table, no activation quant
+    with torch.no_grad():  # the contract's lm_head: the dequantized (tied) table + its calibrated static SRQ
         table = forward_quantize(emb, emb.weight.data, "weight", emb.quantization_scheme.weights)
         model.lm_head.weight = torch.nn.Parameter(table.clone(), requires_grad=False)
+        head = parse_metadata(model.save_pretrained.gemma_mobile_metadata).lm_head
+        assert head is not None and head.output_scale is not None
+        install_lm_head_srq(model, head)
         ids = torch.tensor([[2, 17, 45, 301, 99, 7, 512, 33, 8, 250, 13, 77, 5, 61, 200, 42, 3, 9, 90, 11]])
         before = model(ids).logits.float()
     ckpt = save_mobile(cal, tmp_path / "rt")  # compresses the in-memory model: logits first
@@ -146,9 +152,13 @@ def test_embedding_variant_equals_full_rerun(tiny_gemma3, mobile_tiny_gemma3, tm
     """requantize_embedding(ckpt, base, 4) == quantize(..., embed_bits=4): every tensor identical."""
     from vllm_gemma_mobile.quantize.variants import requantize_embedding
 
-    variant = requantize_embedding(mobile_tiny_gemma3, tiny_gemma3, 4, tmp_path / "v4")
+    # lm_head_scales=input: the output scale is calibrated on the table's own logits (refused by the variant)
+    opts = {"mlp_2bit_layers": "[1]", "lm_head_scales": "input"}
+    ckpt = quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "q2", num_samples=N_SAMPLES,
+                    seq_len=SEQ_LEN, overrides=opts)
+    variant = requantize_embedding(ckpt, tiny_gemma3, 4, tmp_path / "v4")
     full = quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "f4", num_samples=N_SAMPLES,
-                    seq_len=SEQ_LEN, overrides={"mlp_2bit_layers": "[1]", "embed_bits": "4"})
+                    seq_len=SEQ_LEN, overrides={**opts, "embed_bits": "4"})
     a, b = tensors(variant), tensors(full)
     assert a.keys() == b.keys()
     for k in a:
@@ -156,6 +166,7 @@ def test_embedding_variant_equals_full_rerun(tiny_gemma3, mobile_tiny_gemma3, tm
     qa = json.loads((variant / "config.json").read_text())["quantization_config"]
     qb = json.loads((full / "config.json").read_text())["quantization_config"]
     assert qa["config_groups"] == qb["config_groups"]
+    assert qa["gemma_mobile"] == qb["gemma_mobile"] and set(qa["gemma_mobile"]["lm_head"]) == {"input_scale"}
 
 
 def test_rtn_modifier_recipe(tiny_gemma4, tmp_path):
@@ -170,3 +181,55 @@ def test_rtn_modifier_recipe(tiny_gemma4, tmp_path):
     v, h = t["model.embed_tokens.weight_shape"].tolist()
     assert t["model.embed_tokens.weight_packed"].shape == (v, h // 8)
     assert all(torch.isfinite(x.float()).all() and (x.float() > 0).all() for k, x in t.items() if k.endswith("_scale"))
+
+
+def test_lm_head_calibration_scales_are_the_served_ranges():
+    """LMHeadCalibration: input_scale = bf16(absmax(h) / 127.5) (compressed-tensors' symmetric int8 rule, as for
+    every other static input), output_scale = bf16(absmax(served logits) / 127.5), the logits recomputed here
+    independently in f64 from the table's codes. Tolerance: the module's logits are f32 (`f32(acc) * f32(s_x *
+    ws)`, <= 2 f32 ulps from f64); rounding that to bf16 can differ by at most one bf16 ulp (2^-8 relative)."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
+    from vllm_gemma_mobile.scheme.spec import weight_args
+
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 300, 48
+    table = torch.nn.Embedding(vocab, k)
+    table.weight.requires_grad_(False).data = torch.randn(vocab, k, generator=g).to(torch.bfloat16)
+    ws = (table.weight.float().abs().amax(1, keepdim=True) / 1.5).to(torch.bfloat16)
+    table.weight_scale = torch.nn.Parameter(ws, requires_grad=False)
+    table.quantization_scheme = QuantizationScheme(targets=["re:.*"], weights=weight_args(2, "mse"))
+    hs = [torch.randn(1, 37, k, generator=g).to(torch.bfloat16) * 3 for _ in range(3)]
+    hs[1][0, 5, 7] = -40.0  # the range is set by one outlier, as in real final-norm outputs
+
+    cal = LMHeadCalibration("both", "static_minmax")
+    for h in hs:
+        cal.hook(None, (h,), None)
+    got = cal.finish(table, chunk_rows=128, chunk_tokens=16)  # several chunks on both axes
+
+    bf = lambda v: float(torch.tensor(v, dtype=torch.float64).to(torch.bfloat16))  # noqa: E731
+    h = torch.cat([x.reshape(-1, k) for x in hs]).double()
+    assert got["input_scale"] == bf(40.0 / 127.5)
+    s_x = got["input_scale"]
+    xq = (h / s_x).round().clamp(-128, 127)
+    codes = (table.weight.double() / ws.double()).round().clamp(-2, 1)
+    y = (xq @ codes.t()) * s_x * ws.double().t()
+    want = bf(float(y.abs().max()) / 127.5)
+    assert abs(got["output_scale"] - want) <= want * 2 ** -8, (got, want)
+    assert set(got) == {"input_scale", "output_scale"}
+
+
+def test_recipe_calibrates_lm_head_scales(mobile_tiny_gemma3, tiny_gemma3, tmp_path):
+    """The PTQ recipe writes `gemma_mobile.lm_head` (input and output static scales, bf16 values > 0), so the tied
+    lm_head is served as an int8-activation GEMM; an embedding variant of such a checkpoint is refused."""
+    from vllm_gemma_mobile.metadata import parse_metadata
+    from vllm_gemma_mobile.quantize.variants import requantize_embedding
+
+    qc = json.loads((mobile_tiny_gemma3 / "config.json").read_text())["quantization_config"]
+    head = parse_metadata(qc["gemma_mobile"]).lm_head
+    assert head is not None and head.input_scale > 0 and head.output_scale > 0
+    for v in (head.input_scale, head.output_scale):
+        assert float(torch.tensor(v).to(torch.bfloat16)) == v
+    with pytest.raises(ValueError, match="lm_head.output_scale was calibrated"):
+        requantize_embedding(mobile_tiny_gemma3, tiny_gemma3, 4, tmp_path / "v4")

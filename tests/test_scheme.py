@@ -68,7 +68,9 @@ def test_gemma4_e2b_bit_map_kv_sharing_and_ple():
     assert _bits_of(e, "model.layers.3.mlp.gate_proj")[0] == 4
     assert _bits_of(e, "model.layers.4.mlp.gate_proj")[0] == 2   # KV-shared, double-wide
     assert _bits_of(e, "model.layers.5.per_layer_projection")[0] == 8
-    assert _bits_of(e, "model.per_layer_model_projection")[0] == 8
+    assert _bits_of(e, "model.per_layer_model_projection")[0] is None  # float, as in Google's checkpoints
+    e8 = expand(preset("gemma4-e2b", cfg, model_projection_bits=8), cfg, _names(cfg))
+    assert _bits_of(e8, "model.per_layer_model_projection")[0] == 8
     bits, ple = _bits_of(e, "model.embed_tokens_per_layer")
     assert bits == 4 and ple.weights.strategy == "group" and ple.weights.group_size == 16
     assert e.kv_layer_bits[4:] == [None, None]  # shared layers own no KV cache

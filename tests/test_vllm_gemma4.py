@@ -84,10 +84,11 @@ def test_engine_serves_gemma4_recipe_output(llm, mobile_g4):
     assert ple["gather_only"] and ple["bits"] == 4 and ple["group_size"] == ple_dim
     assert ple["packed_dtype"] == "torch.int32" and ple["packed_bytes"] * 2 == v * layers * ple_dim
     assert ple["scale_shape"] == [v, layers]
-    assert info["float_2d_params"] == []
+    # the one float matrix: per_layer_model_projection, left float as in Google's checkpoints (format.md)
+    assert [n.rsplit(".", 2)[-2] for n in info["float_2d_params"]] == ["per_layer_model_projection"]
     # 4 layers with qkv, o, gate_up, down + 2 KV-shared layers with q, o, gate_up, down; PLE gate + projection
-    # in every layer; per_layer_model_projection
-    assert info["n_quant_linear"] == 4 * 4 + 2 * 4 + 2 * layers + 1
+    # in every layer
+    assert info["n_quant_linear"] == 4 * 4 + 2 * 4 + 2 * layers
     assert info["linear_bits"] == [2, 4, 8]
     kv = info["kv"]
     assert [k["bits"] for k in kv[:4]] == [8, 8, 4, 8] and all(k["k_scale"] > 0 for k in kv[:4])

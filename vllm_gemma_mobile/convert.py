@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from kernels import bitpack
+from kernels.scales import invalid_scales
 from vllm_gemma_mobile.metadata import parse_metadata
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _scalar_scale(name: str, t: torch.Tensor | None, *, allow_zero: bool = False
     if t.numel() != 1:
         raise ConvertError(f"{name}: expected one per-tensor scale, got shape {list(t.shape)}")
     f = t.detach().to(torch.float32).reshape(())
-    if not torch.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
+    if invalid_scales(f, allow_zero=allow_zero):
         raise ConvertError(f"{name} = {float(f)}: invalid scale (must be finite and > 0"
                            + (" or 0" if allow_zero else "") + ")")
     return f
@@ -194,8 +195,8 @@ def _scale_table(name: str, t: torch.Tensor | None, rows: int, dim: int) -> torc
     if t.dim() != 2 or t.shape[0] != rows or t.shape[1] < 1 or dim % t.shape[1]:
         raise ConvertError(f"{name}: shape {list(t.shape)} is not [{rows}, G] with G dividing {dim}")
     f = t.detach().to(torch.float32).contiguous()
-    if not torch.isfinite(f).all() or (f <= 0).any():
-        bad = f[~torch.isfinite(f) | (f <= 0)].flatten()[:4].tolist()
+    bad = invalid_scales(f)
+    if bad:
         raise ConvertError(f"{name}: invalid scales {bad} (must be finite and > 0)")
     return f
 
@@ -637,13 +638,25 @@ def google_to_ct(src: Path, lazy: bool = False) -> tuple[dict, dict[str, torch.T
         if hit != want:
             raise AssertionError(f"generated config_groups match {name} as {hit}, expected {want}")
     ct = QuantizationConfig(config_groups=groups, quantization_status="compressed", format="pack-quantized",
-                            ignore=["lm_head"], kv_cache_scheme=None).model_dump(mode="json")
+                            ignore=_ct_ignore(model, set(group_of)), kv_cache_scheme=None).model_dump(mode="json")
     ct.update({"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
                "sparsity_config": {}, "transform_config": {}, "gemma_mobile": meta})
     new = json.loads(json.dumps(config))
     new["quantization_config"] = ct
     _set_tie(new, True)
     return new, (out if lazy else materialize(out))
+
+
+def _ct_ignore(model: torch.nn.Module, quantized: set[str]) -> list[str]:
+    """The `ignore` list compressed-tensors itself writes (`QuantizationConfig.from_pretrained`): every module not
+    quantized whose class is quantized somewhere, grouped by class in order of first appearance -- e.g.
+    `per_layer_model_projection` and `lm_head` -- so that ct -> google -> ct gives back the recipe's config."""
+    qtypes = {type(m).__name__ for n, m in model.named_modules() if n in quantized}
+    by_type: dict[str, list[str]] = {}
+    for n, m in model.named_modules():
+        if type(m).__name__ in qtypes and n not in quantized:
+            by_type.setdefault(type(m).__name__, []).append(n)
+    return [n for names in by_type.values() for n in names]
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -46,6 +46,7 @@ from typing import Any, Iterator
 
 import torch
 
+from kernels.scales import invalid_scales
 from vllm_gemma_mobile.metadata import KV_BITS
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,8 @@ def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         raise ScaleError(f"{name}: missing (the checkpoint must carry it; see docs/checkpoint-format.md)")
     f = t.detach().float()
-    if f.numel() == 0 or not torch.isfinite(f).all() or (f <= 0).any():
-        bad = f[~torch.isfinite(f) | (f <= 0)].flatten()[:4].tolist() if f.numel() else "empty"
+    bad = invalid_scales(f) if f.numel() else "empty"
+    if bad:
         raise ScaleError(f"{name}: invalid scale {bad} (must be finite and > 0)")
     return f
 
@@ -186,17 +187,13 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 def default_kv_sharing(text_config: dict) -> dict[int, int]:
     """Gemma 4: each of the last `num_kv_shared_layers` layers reads the KV of the last non-shared layer of the
     same attention type (what transformers' `store_full_length_kv` / `shared_kv_states` implement)."""
+    from types import SimpleNamespace
+
+    from vllm_gemma_mobile.scheme.spec import kv_sharing  # the one KV-sharing rule (the recipe's, too)
+
     n = text_config["num_hidden_layers"]
-    shared = int(text_config.get("num_kv_shared_layers") or 0)
     types = text_config.get("layer_types") or ["full_attention"] * n
-    first = n - shared
-    out = {}
-    for i in range(first, n):
-        src = [j for j in range(first) if types[j] == types[i]]
-        if not src:
-            raise ValueError(f"KV-shared layer {i} ({types[i]}) has no earlier layer of the same type")
-        out[i] = src[-1]
-    return out
+    return kv_sharing(SimpleNamespace(layer_types=types, num_kv_shared_layers=text_config.get("num_kv_shared_layers")))
 
 
 def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:

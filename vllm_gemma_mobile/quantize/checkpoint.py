@@ -30,14 +30,15 @@ class QuantizeError(RuntimeError):
 
 def check_scales(model: torch.nn.Module) -> int:
     """Every quantization scale must be finite and > 0; raises QuantizeError naming the first bad tensor."""
+    from kernels.scales import invalid_scales
+
     n = 0
     for name, param in model.named_parameters():
         if not name.endswith(SCALE_SUFFIXES):
             continue
         n += 1
-        t = param.detach().float()
-        if not torch.isfinite(t).all() or (t <= 0).any():
-            bad = t[~torch.isfinite(t) | (t <= 0)].flatten()[:4].tolist()
+        bad = invalid_scales(param.detach().float())
+        if bad:
             raise QuantizeError(f"{name}: calibration produced an invalid scale {bad} (must be finite and > 0); "
                                 "nothing was saved")
     return n
@@ -132,6 +133,7 @@ def install_save_hook(model, metadata: dict) -> None:
         drop_tied_lm_head(Path(save_directory))
 
     save_pretrained._gemma_mobile_inner = inner
+    save_pretrained.gemma_mobile_metadata = metadata  # what every save writes (read by tests before saving)
     save_pretrained._overridden = True
     model.save_pretrained = save_pretrained
 

@@ -14,7 +14,9 @@ as `gemma-mobile quantize` (which is a thin wrapper around that call):
   the calibration pipeline this model needs (`mobile_pipelines`, read by llmcompressor's patched pipeline
   choice, see workarounds.mobile_pipeline_choice);
 * calibration: output hooks observe only (workarounds.observe_only_output_calibration);
-* end: scales of modules outside the sequential layers (workarounds.finish_calibration_outside_layers);
+* calibration: a forward hook on the lm_head collects its inputs (`lm_head_scales`, quantize/lm_head.py);
+* end: scales of modules outside the sequential layers (workarounds.finish_calibration_outside_layers), then
+  the tied lm_head's static input / output scales on the now-quantized table (`gemma_mobile.lm_head`);
 * finalize: checkpoint.finalize — KV scales only where a layer owns a cache, every scale checked, lm_head
   re-tied, and a save hook that writes our `gemma_mobile` metadata and drops the dense lm_head copy.
 
@@ -37,6 +39,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from pydantic import Field, PrivateAttr
 
 from vllm_gemma_mobile.quantize import checkpoint, workarounds
+from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
 from vllm_gemma_mobile.scheme import Expanded, MobileScheme, expand, preset
 from vllm_gemma_mobile.scheme.spec import kv_args
 
@@ -88,6 +91,17 @@ class _MobileSchemeMixin:
         workarounds.poison_uncalibrated_scales(state.model)
         return ok
 
+    def on_start(self, state, event, **kwargs):
+        super().on_start(state, event, **kwargs)
+        mode = self._mobile_scheme.lm_head_scales
+        self._lm_head_calibration = None
+        if mode != "none":
+            head = state.model.get_output_embeddings()
+            if head is None:
+                raise ValueError(f"lm_head_scales={mode!r}: the model has no lm_head")
+            self._lm_head_calibration = LMHeadCalibration(mode, self._mobile_scheme.activation_observer)
+            self.register_hook(head, self._lm_head_calibration.hook, "forward")
+
     def _initialize_hooks(self, module: torch.nn.Module):
         with workarounds.observe_only_output_calibration():
             return super()._initialize_hooks(module)
@@ -105,6 +119,11 @@ class _MobileSchemeMixin:
         fixed = workarounds.finish_calibration_outside_layers(model)
         if fixed:
             logger.info("calibrated outside the sequential layers: %s", fixed)
+        if self._lm_head_calibration is not None:  # needs the table's weight_scale, computed just above
+            table = model.get_input_embeddings()
+            name = next(n for n, m in model.named_modules() if m is table)
+            self._lm_head_scales = self._lm_head_calibration.finish(table, name)
+            self._lm_head_calibration = None
 
     @property
     def mobile_pipelines(self) -> tuple[str, tuple[str, ...]] | None:
@@ -113,8 +132,11 @@ class _MobileSchemeMixin:
 
     @property
     def mobile_metadata(self) -> dict:
-        """The checkpoint's `quantization_config.gemma_mobile` key."""
-        return self._mobile_expanded.metadata(self._mobile_scheme)
+        """The checkpoint's `quantization_config.gemma_mobile` key (with the calibrated lm_head scales)."""
+        meta = self._mobile_expanded.metadata(self._mobile_scheme)
+        if self._lm_head_scales:
+            meta["lm_head"] = dict(self._lm_head_scales)
+        return meta
 
     @property
     def mobile_scheme(self) -> MobileScheme:
@@ -133,6 +155,8 @@ class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
     _mobile_scheme: Any = PrivateAttr(None)
     _mobile_expanded: Any = PrivateAttr(None)
     _mobile_pipelines: Any = PrivateAttr(None)
+    _lm_head_calibration: Any = PrivateAttr(None)
+    _lm_head_scales: Any = PrivateAttr(None)
 
     def compress_modules(self):
         # GPTQ's column loop is a long chain of tiny ops: OpenMP threads add only synchronization. Measured on
@@ -154,6 +178,8 @@ class MobileQuantizationModifier(_MobileSchemeMixin, QuantizationModifier):
     _mobile_scheme: Any = PrivateAttr(None)
     _mobile_expanded: Any = PrivateAttr(None)
     _mobile_pipelines: Any = PrivateAttr(None)
+    _lm_head_calibration: Any = PrivateAttr(None)
+    _lm_head_scales: Any = PrivateAttr(None)
 
 
 for _cls in (MobileGPTQModifier, MobileQuantizationModifier):

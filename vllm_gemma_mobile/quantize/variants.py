@@ -4,7 +4,8 @@
 quantized to `bits` instead. A full `quantize(..., overrides={"embed_bits": bits})` run produces the same
 result: while calibrating, llmcompressor disables all fake quantization, and GPTQ never touches embeddings,
 so no other module's weights or scales depend on the embedding's bit width (tests/test_quantize.py checks the
-equality on a tiny model). On the real 270M this turns a ~20-minute GPTQ run into seconds.
+equality on a tiny model) -- except the lm_head's output scale (`lm_head_scales: both`), calibrated on the table's
+own logits: such a checkpoint is refused (`lm_head_scales: input` keeps the variant exact). On the real 270M this turns a ~20-minute GPTQ run into seconds.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def requantize_embedding(ckpt: str | Path, base: str | Path, bits: int, out: str
     hits = [g for g in groups.values() if any(t.endswith("embed_tokens$") for t in g["targets"])]
     if len(hits) != 1:
         raise ValueError(f"{ckpt}: expected one config group for embed_tokens, found {len(hits)}")
+    head = (config["quantization_config"].get("gemma_mobile") or {}).get("lm_head") or {}
+    if head.get("output_scale") is not None:
+        # The lm_head's output range was calibrated on this table's logits; the calibration inputs are gone.
+        raise ValueError(f"{ckpt}: gemma_mobile.lm_head.output_scale was calibrated on the {hits[0]['weights']['num_bits']}"
+                         f"-bit table's logits and cannot be re-derived here: re-run the recipe with "
+                         f"--set embed_bits={bits} (or build CKPT with --set lm_head_scales=input)")
     kwargs = hits[0]["weights"].get("observer_kwargs") or {}
     new = {f"{EMBED}.{k}": v for k, v in quantize_table(table, bits, observer, kwargs).items()}
     tmp = out.with_name(out.name + ".tmp")

@@ -4,7 +4,7 @@
   int4 for global ones. Gemma 3 has no KV-shared "decode-only" layers, so 2-bit MLPs are opt-in per layer
   (`mlp_2bit_layers`), and sensitive modules can be kept at 8 bits (`keep_8bit`).
 * `gemma4-e2b`: embedding 2, PLE table 4 (scale per row and 256-block), MLP 4 in the first layers and 2 in the
-  KV-shared double-wide layers, per-layer gate/projection 8, attention 4.
+  KV-shared double-wide layers, per-layer gate/projection 8, attention 4, `per_layer_model_projection` float.
 * `gemma4-e4b`: as E2B but MLP 4 everywhere and a 2-bit PLE table.
 """
 

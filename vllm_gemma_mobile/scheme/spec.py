@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SUPPORTED_BITS = (2, 4, 8)
 LayerType = Literal["sliding_attention", "full_attention"]
@@ -51,8 +51,9 @@ class MobileScheme(BaseModel):
     attention_bits: int = 4
     mlp_bits: int = 4
     mlp_bits_by_layer: dict[int, int] = Field(default_factory=dict, description="per-layer MLP overrides")
-    per_layer_bits: int | None = Field(8, description="Gemma 4 per_layer_input_gate / per_layer_projection / "
-                                                      "per_layer_model_projection")
+    per_layer_bits: int | None = Field(8, description="Gemma 4 per_layer_input_gate / per_layer_projection")
+    model_projection_bits: int | None = Field(None, description="Gemma 4 per_layer_model_projection; None keeps it "
+                                                                "float, as Google's checkpoints do (format.md)")
     keep_8bit: list[str] = Field(default_factory=list, description="module-name regexes raised to 8-bit")
     kv_bits: dict[str, int | None] = Field(
         default_factory=lambda: {"sliding_attention": 8, "full_attention": 4},
@@ -64,11 +65,24 @@ class MobileScheme(BaseModel):
                     "default 0.2 is far too narrow for 2-bit: Gemma 3 270M's 2-bit embedding table had 0.74 "
                     "relative error with 0.2 and 0.49 with 0.8 (4-bit: 0.254 -> 0.243)")
     activation_observer: str = "static_minmax"
+    lm_head_scales: Literal["both", "input", "none"] | None = Field(
+        None, description="static int8 SRQ of the tied lm_head, calibrated by the recipe (quantize/lm_head.py): "
+                          "both = input and output (Google's layout), input = int8 activations with float logits, "
+                          "none = weight-only lm_head. Default: both if the table is quantized, else none")
 
-    @field_validator("embed_bits", "ple_bits", "attention_bits", "mlp_bits", "per_layer_bits")
+    @field_validator("embed_bits", "ple_bits", "attention_bits", "mlp_bits", "per_layer_bits", "model_projection_bits")
     @classmethod
     def _bits(cls, v, info):
         return _check_bits(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _lm_head(self) -> "MobileScheme":
+        if self.lm_head_scales is None:
+            self.lm_head_scales = "both" if self.embed_bits is not None else "none"
+        elif self.lm_head_scales != "none" and self.embed_bits is None:
+            raise SchemeError(f"lm_head_scales={self.lm_head_scales!r} needs a quantized table (embed_bits is null: "
+                              "the lm_head stays bf16)")
+        return self
 
     @field_validator("mlp_bits_by_layer")
     @classmethod
@@ -175,7 +189,7 @@ def _module_kind(name: str) -> tuple[str, int | None] | None:
         kind = "attention" if part.startswith("self_attn") else "mlp" if part.startswith("mlp") else "per_layer"
         return kind, int(m.group(1))
     if name.endswith("per_layer_model_projection"):
-        return "per_layer", None
+        return "model_projection", None
     if re.search(r"(^|\.)embed_tokens_per_layer$", name):
         return "ple", None
     if re.search(r"(^|\.)embed_tokens$", name):
@@ -209,6 +223,8 @@ def expand(scheme: MobileScheme, config, module_names: list[str]) -> Expanded:
             bits = scheme.mlp_bits_by_layer.get(layer, scheme.mlp_bits)
         elif kind == "per_layer":
             bits = scheme.per_layer_bits
+        elif kind == "model_projection":
+            bits = scheme.model_projection_bits
         elif kind == "embed":
             bits = scheme.embed_bits
         else:

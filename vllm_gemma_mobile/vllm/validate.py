@@ -102,17 +102,11 @@ EMBEDDINGS = ("embed_tokens", "embed_tokens_per_layer")
 
 
 def _match(name: str, targets: list[str]) -> bool:
-    for t in targets:
-        if t.startswith("re:"):
-            if re.match(t[3:], name):
-                return True
-        elif name == t or name.endswith("." + t) or t == name.split(".")[-1]:
-            return True
-    return False
+    """compressed-tensors' own name rule (`re:` regex match or exact name), as its loader and our converter apply
+    it; class-name targets need the module and cannot match a tensor name."""
+    from compressed_tensors.utils.match import match_name
 
-
-def _scalar_ok(v: float) -> bool:
-    return math.isfinite(v) and v > 0
+    return any(match_name(name, t) for t in targets)
 
 
 _TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|model\.)")
@@ -197,6 +191,8 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
     import torch
     from safetensors import safe_open
 
+    from kernels.scales import invalid_scale_mask, invalid_scales
+
     model_dir = Path(model_dir)
     hf = json.loads((model_dir / "config.json").read_text())
     if cfg is None:
@@ -265,12 +261,13 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
                                       f"per row and block of group_size={gs})")
         elif sshape not in ([n, 1], [n]):
             raise CheckpointError(f"{mod}.weight_scale: shape {sshape}, expected [{n}, 1] (per output channel)")
-        ws = load(f"{mod}.weight_scale").float()
-        if not torch.isfinite(ws).all():
-            raise CheckpointError(f"{mod}.weight_scale: contains NaN/inf")
-        if (ws <= 0).any():
-            i = int((ws.reshape(-1) <= 0).nonzero()[0])
-            raise CheckpointError(f"{mod}.weight_scale[{i}] = {float(ws.reshape(-1)[i])}: must be > 0")
+        ws = load(f"{mod}.weight_scale").float().reshape(-1)
+        bad = invalid_scale_mask(ws)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            if not math.isfinite(float(ws[i])):
+                raise CheckpointError(f"{mod}.weight_scale: contains NaN/inf")
+            raise CheckpointError(f"{mod}.weight_scale[{i}] = {float(ws[i])}: must be > 0")
         if mod.endswith(EMBEDDINGS):
             if mod.endswith("embed_tokens_per_layer"):
                 summary["per_layer_embedding"] = bits
@@ -292,7 +289,7 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
             t = load(tname).float().reshape(-1)
             if t.numel() != 1:
                 raise CheckpointError(f"{tname}: shape {headers[tname][1]}, expected a per-tensor scale [1]")
-            if not _scalar_ok(float(t[0])):
+            if invalid_scales(float(t[0])):
                 raise CheckpointError(f"{tname} = {float(t[0])}: static scales must be finite and > 0")
     kv = (cfg.get("gemma_mobile") or {}).get("kv_cache") or {}
     layer_bits = kv.get("layer_bits")
@@ -332,6 +329,6 @@ def validate_checkpoint(model_dir: str | Path, cfg: dict[str, Any] | None = None
                 raise CheckpointError(f"{prefix}layers.{i}.self_attn.{s}: missing "
                                       f"(gemma_mobile.kv_cache.layer_bits[{i}] = {b})")
             v = float(load(tname).float().reshape(-1)[0])
-            if not _scalar_ok(v):
+            if invalid_scales(v):
                 raise CheckpointError(f"{tname} = {v}: KV scales must be finite and > 0")
     return summary
