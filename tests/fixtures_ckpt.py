@@ -233,7 +233,8 @@ class FQLinear(torch.nn.Module):
 
 
 def fake_quant_reference(ckpt: str | Path):
-    """HF Gemma 3 model whose quantized linears / embedding follow the contract exactly (KV unquantized)."""
+    """HF Gemma 3 model whose quantized linears / embedding follow the contract exactly (KV unquantized); a tied
+    lm_head with `gemma_mobile.lm_head` scales is the same exact int8 linear over the table's codes."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -268,6 +269,13 @@ def fake_quant_reference(ckpt: str | Path):
                 FQLinear(q, ws, float(t[f"{mod}.input_scale"]), None if sy is None else float(sy)))
     model.tie_weights()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    head = (qcfg.get("gemma_mobile") or {}).get("lm_head")
+    if head is not None:
+        emb = "model.embed_tokens"
+        n, k = t[f"{emb}.weight_shape"].tolist()
+        assert head.get("input_scale") is not None, "lm_head SRQ without an input scale: not covered here"
+        model.lm_head = FQLinear(unpack_codes(t[f"{emb}.weight_packed"], bits_of[emb], k),
+                                 t[f"{emb}.weight_scale"].float(), head["input_scale"], head.get("output_scale"))
     tok = AutoTokenizer.from_pretrained(ckpt) if (ckpt / "tokenizer.json").exists() else None
     return model, tok
 

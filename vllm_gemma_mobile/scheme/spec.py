@@ -23,9 +23,11 @@ from typing import Literal
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SUPPORTED_BITS = (2, 4, 8)
+from kernels import bitpack
+from vllm_gemma_mobile.metadata import FORMAT_VERSION, KV_BITS  # the gemma_mobile key's own constants
+
+SUPPORTED_BITS = bitpack.SUPPORTED_BITS  # the one list of weight bit widths (kernels/bitpack.py)
 LayerType = Literal["sliding_attention", "full_attention"]
-FORMAT_VERSION = 1
 
 
 class SchemeError(ValueError):
@@ -98,7 +100,7 @@ class MobileScheme(BaseModel):
             if layer_type not in ("sliding_attention", "full_attention"):
                 raise SchemeError(f"kv_bits: unknown layer type {layer_type!r} "
                                   "(expected sliding_attention / full_attention)")
-            if bits is not None and bits not in (4, 8):
+            if bits is not None and bits not in KV_BITS:
                 raise SchemeError(f"kv_bits[{layer_type}]: {bits}-bit KV is not supported (supported: 4, 8)")
         return v
 

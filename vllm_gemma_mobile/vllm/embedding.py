@@ -29,6 +29,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, PackedvLLMParameter
 
+from kernels import bitpack
 from kernels import plugin as kplugin
 from kernels.scales import invalid_scale_mask
 from vllm_gemma_mobile.vllm import cpu_ops
@@ -42,7 +43,7 @@ class GemmaMobileEmbeddingMethod(QuantizeMethodBase):
 
     def __init__(self, bits: int, tied_lm_head: bool = False, group_size: int | None = None,
                  gather_only: bool = False, head_scales: Any = None, source: torch.nn.Module | None = None):
-        if bits not in (2, 4, 8):
+        if bits not in bitpack.SUPPORTED_BITS:
             raise ValueError(f"gemma_mobile embedding: unsupported weight bits {bits}")
         if group_size is not None and not gather_only:
             raise ValueError("gemma_mobile embedding: group-wise scales are supported only for gather-only "

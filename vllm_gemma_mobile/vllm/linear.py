@@ -41,7 +41,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
-from kernels import cpu_packed
+from kernels import bitpack, cpu_packed
 from kernels import plugin as kplugin
 from kernels.scales import invalid_scale_mask, invalid_scales
 from vllm_gemma_mobile.vllm import cpu_ops
@@ -86,7 +86,7 @@ class GemmaMobileLinearMethod(LinearMethodBase):
     """wNa8o8 linear (see module docstring). `bits` in {2, 4, 8}."""
 
     def __init__(self, bits: int, has_output_scale: bool = True):
-        if bits not in (2, 4, 8):
+        if bits not in bitpack.SUPPORTED_BITS:
             raise ValueError(f"gemma_mobile linear: unsupported weight bits {bits}")
         self.bits = bits
         self.pack_factor = 32 // bits

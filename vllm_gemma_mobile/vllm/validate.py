@@ -20,7 +20,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_WEIGHT_BITS = (2, 4, 8)
+from kernels import bitpack
+
+SUPPORTED_WEIGHT_BITS = bitpack.SUPPORTED_BITS
 
 
 class CheckpointError(ValueError):
