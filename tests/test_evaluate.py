@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_gemma_mobile.contract import ContractError
 from vllm_gemma_mobile.evaluate import data
-from vllm_gemma_mobile.evaluate.reference import (KV_ATTN_PREFIX, ScaleError, fake_quant_kv, kv_fake_quant_enabled,
+from vllm_gemma_mobile.evaluate.reference import (KV_ATTN_PREFIX, fake_quant_kv, kv_fake_quant_enabled,
                                                   load_reference)
 from vllm_gemma_mobile.evaluate.report import report
 
@@ -382,13 +383,13 @@ def _rewrite(ckpt: Path, out: Path, fn) -> Path:
 
 def test_bad_scales_fail_loudly(mobile3, tmp_path):
     missing = _rewrite(mobile3, tmp_path / "a", lambda t: t.pop("model.layers.2.self_attn.k_scale"))
-    with pytest.raises(ScaleError, match=r"model\.layers\.2\.self_attn\.k_scale: missing"):
+    with pytest.raises(ContractError, match=r"model\.layers\.2\.self_attn\.k_scale: missing"):
         load_reference(missing)
     zero = _rewrite(mobile3, tmp_path / "b", lambda t: t["model.layers.5.self_attn.v_scale"].zero_())
-    with pytest.raises(ScaleError, match=r"model\.layers\.5\.self_attn\.v_scale: invalid"):
+    with pytest.raises(ContractError, match=r"model\.layers\.5\.self_attn\.v_scale = 0\.0: KV scales must be finite and > 0"):
         load_reference(zero)
     nan = _rewrite(mobile3, tmp_path / "c", lambda t: t["model.layers.0.mlp.up_proj.input_scale"].fill_(math.nan))
-    with pytest.raises(ScaleError, match=r"model\.layers\.0\.mlp\.up_proj\.input_scale: invalid"):
+    with pytest.raises(ContractError, match=r"model\.layers\.0\.mlp\.up_proj\.input_scale = nan: static scales"):
         load_reference(nan)
 
 

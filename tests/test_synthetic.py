@@ -102,10 +102,10 @@ def test_bit_map_is_googles_and_the_presets(kind, synth):
 @pytest.mark.parametrize("kind", ["e2b", "e4b"])
 def test_ct_layout_passes_the_plugins_validation_and_converts_to_our_google_layout(kind, synth, tmp_path):
     from vllm_gemma_mobile.convert import convert
-    from vllm_gemma_mobile.vllm.validate import validate_checkpoint
+    from vllm_gemma_mobile.contract import read_contract
 
     ct, google = synth(kind, "ct"), synth(kind, "google")
-    summary = validate_checkpoint(ct)
+    summary = read_contract(ct).summary()
     assert summary["embedding"] == 2 and summary["per_layer_embedding"] == (4 if kind == "e2b" else 2)
     converted = convert(ct, tmp_path / "g")
     a, b = tensors(converted), tensors(google)
@@ -114,6 +114,39 @@ def test_ct_layout_passes_the_plugins_validation_and_converts_to_our_google_layo
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (converted, google))
     assert ca["quantization_config"] == cb["quantization_config"]
+
+
+@pytest.mark.parametrize("kind", ["e2b", "e4b"])
+def test_one_contract_from_both_layouts(kind, synth):
+    """`contract.read_contract` reads our layout and Google's (through the converter) into the SAME per-module and
+    per-layer description; both agree with format.md's bit map (spelled out independently above), with the stored
+    scale tensors, and with the KV sharing the model config implies (KV-shared layers read their source's cache)."""
+    from vllm_gemma_mobile.contract import read_contract
+
+    ct, google = read_contract(synth(kind, "ct")), read_contract(synth(kind, "google"))
+    assert (ct.layout, google.layout) == ("ct", "google")
+    assert ct.modules == google.modules and ct.kv == google.kv
+    assert ct.lm_head == google.lm_head and ct.lm_head.input_scale and ct.lm_head.output_scale  # Google's lm_head SRQ
+    config = synthetic_config(kind, SCALE_DOWN[kind])
+    assert {n: m.bits for n, m in ct.modules.items()} == format_md_bits(kind, config)
+    t = tensors(synth(kind, "ct"))
+    for name, m in ct.modules.items():
+        assert m.shape == tuple(t[f"{name}.weight_shape"].tolist()), name
+        assert m.role == ("per_layer_embedding" if name.endswith("per_layer") else
+                          "embedding" if name.endswith("embed_tokens") else "linear"), name
+        assert (m.strategy == "group") == (m.role == "per_layer_embedding"), name
+        if m.role == "linear":
+            assert m.input_scale == float(t[f"{name}.input_scale"]) and m.output_scale == float(t[f"{name}.output_scale"])
+    n, shared = config.num_hidden_layers, config.num_kv_shared_layers
+    types = config.layer_types
+    for kv in ct.kv:
+        i = kv.layer
+        if i < n - shared:
+            assert kv.source == i and kv.k_scale == float(t[f"model.layers.{i}.self_attn.k_scale"])
+        else:  # the last earlier non-shared layer of the same attention type
+            assert kv.source == max(j for j in range(n - shared) if types[j] == types[i])
+            assert kv.k_scale == ct.kv[kv.source].k_scale and kv.v_scale == ct.kv[kv.source].v_scale
+        assert kv.bits == (4 if types[i] == "full_attention" else 8)
 
 
 def test_scales_are_plausible(synth):

@@ -180,20 +180,20 @@ BAD = {
 
 
 def test_recipe_output_validates(mobile_g4):
-    from vllm_gemma_mobile.vllm.validate import validate_checkpoint
+    from vllm_gemma_mobile.contract import read_contract
 
-    s = validate_checkpoint(mobile_g4)
+    s = read_contract(mobile_g4).summary()
     assert s["embedding"] == 2 and s["per_layer_embedding"] == 4 and set(s["linear"]) == {2, 4, 8}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_corrupted_gemma4_checkpoint_fails_naming_the_tensor(mobile_g4, tmp_path, case):
-    from vllm_gemma_mobile.vllm.validate import CheckpointError, validate_checkpoint
+    from vllm_gemma_mobile.contract import ContractError, read_contract
 
     edits, msg = BAD[case]
     bad = _edit(mobile_g4, tmp_path / case, **edits)
-    with pytest.raises(CheckpointError) as e:
-        validate_checkpoint(bad)
+    with pytest.raises(ContractError) as e:
+        read_contract(bad).summary()
     assert msg in str(e.value), str(e.value)
 
 

@@ -149,10 +149,11 @@ def test_capacity_vs_bf16_switch(llm, mobile_tiny, tmp_path):
 
 def _reference_with_kv_fake_quant(ckpt: Path):
     """The contract reference (exact-integer linears, fixtures_ckpt) with the evaluation's KV fake quant on."""
-    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, load_kv_specs, mobile_metadata, read_config
+    from vllm_gemma_mobile.contract import read_contract
+    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, kv_specs
 
     model, _ = fake_quant_reference(ckpt)
-    specs = load_kv_specs(ckpt, mobile_metadata(read_config(ckpt)))
+    specs = kv_specs(read_contract(ckpt))
     assert install_kv_fake_quant(model, specs) == 6
     return model
 

@@ -345,20 +345,20 @@ def _only4(name: str) -> int:
 
 
 def test_good_checkpoint_validates(tiny_base, tmp_path):
-    from vllm_gemma_mobile.vllm.validate import validate_checkpoint
+    from vllm_gemma_mobile.contract import read_contract
 
     ck = write_mobile_checkpoint(tiny_base, tmp_path / "ok", bits=_only4)
-    s = validate_checkpoint(ck)
+    s = read_contract(ck).summary()
     assert s["embedding"] == 2 and s["linear"] == {4: 6 * 7}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_checkpoint_fails_naming_the_field(tiny_base, tmp_path, case):
-    from vllm_gemma_mobile.vllm.validate import CheckpointError, validate_checkpoint
+    from vllm_gemma_mobile.contract import ContractError, read_contract
 
     corrupt, msg = BAD[case]
     ck = write_mobile_checkpoint(tiny_base, tmp_path / case, bits=_only4, corrupt=corrupt)
-    with pytest.raises(CheckpointError) as e:
-        validate_checkpoint(ck)
+    with pytest.raises(ContractError) as e:
+        read_contract(ck).summary()
     assert msg in str(e.value), str(e.value)
     json.loads((ck / "config.json").read_text())  # the checkpoint itself is well-formed JSON

@@ -55,14 +55,14 @@ def test_real_checkpoint_http_greedy_vs_references(server, real_mobile):
     import torch
 
     from fixtures_ckpt import fake_quant_reference
-    from vllm_gemma_mobile.evaluate.reference import (install_kv_fake_quant, load_kv_specs, load_reference,
-                                                      mobile_metadata, read_config)
+    from vllm_gemma_mobile.contract import read_contract
+    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, kv_specs, load_reference
 
     base, logf = server
     model = Path(real_mobile).name  # gemma-mobile serve's default served name: the directory's name
     exact, tok = fake_quant_reference(real_mobile)
     # the plugin's KV cache is quantized (int8/int4): both references with the evaluation's KV fake quant
-    install_kv_fake_quant(exact, load_kv_specs(real_mobile, mobile_metadata(read_config(real_mobile))))
+    install_kv_fake_quant(exact, kv_specs(read_contract(real_mobile)))
     ct, _ = load_reference(real_mobile, numerics="bf16")  # compressed-tensors fake quant; KV fake quant on
     agree_plugin, agree_refs, agree_plugin_ct, total = 0, 0, 0, 0
     texts = []

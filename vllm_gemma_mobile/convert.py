@@ -34,7 +34,7 @@ import torch
 
 from kernels import bitpack
 from kernels.scales import invalid_scales
-from vllm_gemma_mobile.metadata import parse_metadata
+from vllm_gemma_mobile.contract import ContractError, read_contract
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def load_tensors(src: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-_ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+ST_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
               "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
               "BOOL": torch.bool}
 
@@ -114,7 +114,7 @@ class LazyTensors:
 
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         sl = self._where[key].get_slice(key)
-        return _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape())
+        return ST_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape())
 
     def rows(self, key: str, start: int, end: int) -> torch.Tensor:
         return self._where[key].get_slice(key)[start:end]
@@ -124,10 +124,11 @@ class Deferred:
     """A translated tensor computed when the loader asks for it (`value()`), so that the whole translation of a
     real-size checkpoint is never in memory at once."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "header")
 
-    def __init__(self, fn):
+    def __init__(self, fn, header: tuple[str, list[int]] | None = None):
         self.fn = fn
+        self.header = header  # (safetensors dtype name, shape) of the value, when known without computing it
 
     def __call__(self) -> torch.Tensor:
         return self.fn()
@@ -341,8 +342,6 @@ def google_quant_config(qbits: dict[str, int], mods: dict[str, torch.nn.Module],
 # ------------------------------------------------------------------------------------------- ct -> Google
 
 def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from compressed_tensors.utils.match import is_match
-
     config = json.loads((src / "config.json").read_text())
     if detect_layout(config) != "ct":
         raise ConvertError(f"{src} is not a compressed-tensors mobile checkpoint")
@@ -351,13 +350,7 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     text = config.get("text_config", config)
     if not (config.get("tie_word_embeddings", True) and text.get("tie_word_embeddings", True)):
         raise ConvertError("tie_word_embeddings is false: our layout has a tied lm_head (docs/checkpoint-format.md)")
-    if qc.get("kv_cache_scheme") is not None:
-        raise ConvertError("quantization_config.kv_cache_scheme is set: our layout keeps KV bits in gemma_mobile")
     expected = _expected_kv(hf_config)["kv_cache"]
-    try:
-        parse_metadata(qc["gemma_mobile"])
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
     kv = (qc["gemma_mobile"] or {}).get("kv_cache") or {}
     if list(kv.get("layer_bits") or []) != expected["layer_bits"]:
         raise ConvertError(f"gemma_mobile.kv_cache.layer_bits = {kv.get('layer_bits')}: Google's layout has no KV "
@@ -366,65 +359,38 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ConvertError(f"gemma_mobile.kv_cache.kv_sharing = {kv.get('kv_sharing')}: the model's KV-shared "
                            f"layers read {expected['kv_sharing']}")
 
+    try:  # bits, strategies, scales, shapes and KV of every module: the one contract reader
+        contract = read_contract(src)
+    except ContractError as e:
+        raise ConvertError(str(e)) from None
     t = load_tensors(src)
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
-    groups = qc.get("config_groups") or {}
-    ignore = qc.get("ignore") or []
     qbits: dict[str, int] = {}
-    quantized = sorted(k[: -len(".weight_packed")] for k in t if k.endswith(".weight_packed"))
-    for name in quantized:
+    for name, spec in sorted(contract.modules.items()):
         m = mods.get(name)
         if m is None:
             raise ConvertError(f"{name}.weight_packed: {type(model).__name__} has no Linear/Embedding {name}")
         if head_name == name:
             raise ConvertError(f"{name}.weight_packed: our layout has no separate lm_head (it is tied)")
-        gs = [g for g, s in groups.items() if is_match(name, m, s.get("targets") or [], ignore)]
-        if len(gs) != 1:
-            raise ConvertError(f"{name}: matched by {len(gs)} quantization_config.config_groups {gs}, expected 1")
-        g = groups[gs[0]]
-        w = g.get("weights") or {}
-        bits = w.get("num_bits")
-        where = f"config_groups.{gs[0]}.weights"
-        if w.get("type") != "int" or not w.get("symmetric") or w.get("dynamic") or bits not in bitpack.SUPPORTED_BITS:
-            raise ConvertError(f"{where}: {w} is not symmetric static int 2/4/8 (the only weights Google's layout has)")
+        bits = spec.bits
         n, k = _nk(m)
-        shape = t.get(f"{name}.weight_shape")
-        if shape is None or [int(v) for v in shape.flatten().tolist()] != [n, k]:
-            raise ConvertError(f"{name}.weight_shape = {None if shape is None else shape.tolist()}: expected {[n, k]}")
-        try:
-            codes = bitpack.ct_unpack(t[f"{name}.weight_packed"], bits, k)
-        except ValueError as e:
-            raise ConvertError(f"{name}.weight_packed: {e}") from None
-        if codes.shape[0] != n:
-            raise ConvertError(f"{name}.weight_packed: {codes.shape[0]} rows, expected {n}")
-        scale = _scale_table(f"{name}.weight_scale", t.get(f"{name}.weight_scale"), n, k)
+        if spec.shape != (n, k):
+            raise ConvertError(f"{name}.weight_shape = {list(spec.shape)}: expected {[n, k]}")
+        codes = bitpack.ct_unpack(t[f"{name}.weight_packed"], bits, k)
+        scale = _scale_table(f"{name}.weight_scale", t[f"{name}.weight_scale"], n, k)
         used |= {f"{name}.{s}" for s in ("weight_packed", "weight_shape", "weight_scale")}
-        strategy = w.get("strategy")
         if isinstance(m, torch.nn.Linear):
-            if strategy != "channel" or scale.shape[1] != 1:
-                raise ConvertError(f"{where}.strategy = {strategy!r} ({name}.weight_scale {list(scale.shape)}): Google "
-                                   "linears have one scale per output channel")
+            if spec.role != "linear" or spec.output_scale is None:
+                raise ConvertError(f"{name}: {spec.role} without a static int8 output scale: Google linears need "
+                                   "static per-tensor symmetric int8 input and output")
             for kind in ("input", "output"):
-                a = g.get(f"{kind}_activations")
-                if not a or a.get("num_bits") != 8 or a.get("type") != "int" or not a.get("symmetric") \
-                        or a.get("dynamic") or a.get("strategy") != "tensor":
-                    raise ConvertError(f"config_groups.{gs[0]}.{kind}_activations = {a}: Google linears need static "
-                                       "per-tensor symmetric int8 (a weight-only linear is not our format)")
-                out[f"{name}.{kind}_activation_scale"] = _scalar_scale(f"{name}.{kind}_scale",
-                                                                       t.get(f"{name}.{kind}_scale")).clone()
+                out[f"{name}.{kind}_activation_scale"] = torch.tensor(getattr(spec, f"{kind}_scale"),
+                                                                      dtype=torch.float32)  # f32: exact
                 used.add(f"{name}.{kind}_scale")
             out[f"{name}.weight"] = bitpack.google_pack(codes, bits)
             out[f"{name}.weight_scale"] = scale
         else:
-            if g.get("input_activations") or g.get("output_activations"):
-                raise ConvertError(f"config_groups.{gs[0]}: activation quantization on embedding {name}")
-            gsize = int(w.get("group_size") or 0)
-            want = 1 if strategy == "channel" else k // gsize if strategy == "group" and gsize and not k % gsize \
-                else None
-            if want is None or scale.shape[1] != want:
-                raise ConvertError(f"{where}: strategy {strategy!r} group_size {w.get('group_size')} does not "
-                                   f"match {name}.weight_scale {list(scale.shape)} (dim {k})")
             out[f"{name}.embedding_quantized"] = bitpack.google_pack(codes, bits)
             out[f"{name}.embedding_scale"] = scale
         for key in t:
@@ -462,13 +428,13 @@ def ct_to_google(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise ConvertError(f"{emb_name}.weight_scale: a tied lm_head needs one scale per vocab row")
         out[f"{head_name}.weight"] = out[f"{emb_name}.embedding_quantized"].clone()
         out[f"{head_name}.weight_scale"] = out[f"{emb_name}.embedding_scale"].clone()
-        head = parse_metadata(qc["gemma_mobile"]).lm_head
+        head = contract.lm_head
         for kind in ("input", "output"):  # the lm_head's own SRQ scales; 0 = identity (weight-only side)
             v = getattr(head, f"{kind}_scale") if head is not None else None
             out[f"{head_name}.{kind}_activation_scale"] = torch.tensor(0.0 if v is None else v, dtype=torch.float32)
         qbits[head_name] = qbits[emb_name]
     else:
-        if parse_metadata(qc["gemma_mobile"]).lm_head is not None:
+        if contract.lm_head is not None:
             raise ConvertError("gemma_mobile.lm_head: activation scales for an lm_head whose table is not quantized")
         out[f"{head_name}.weight"] = t[f"{emb_name}.weight"].clone()
 
@@ -552,7 +518,8 @@ def google_to_ct(src: Path, lazy: bool = False) -> tuple[dict, dict[str, torch.T
                                    "(blocks only for the per-layer embedding table)")
             kinds[name] = ("ple" if is_ple else "embed", bits, None if g == 1 else k // g)
         out[f"{name}.weight_packed"] = Deferred(lambda wkey=wkey, bits=bits, n=n, k=k:
-                                                _repack_google_to_ct(t, wkey, bits, n, k))
+                                                _repack_google_to_ct(t, wkey, bits, n, k),
+                                                ("I32", [n, bitpack.ct_packed_width(k, bits)]))
         out[f"{name}.weight_scale"] = scale
         out[f"{name}.weight_shape"] = torch.tensor([n, k], dtype=torch.int64)
 

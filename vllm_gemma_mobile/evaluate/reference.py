@@ -19,7 +19,9 @@
      function wrapping the model's own sdpa/eager one); since the quantizer is idempotent (bf16, |n| <= 256) this
      equals quantizing once at cache-write time. Gemma 4 KV-shared layers read the source layer's K/V and use
      its scales/bits.
-  3. Every scale (weight/input/output/k/v) must be finite and > 0, else `ScaleError` names the tensor.
+  3. The checkpoint is read once through the contract (`vllm_gemma_mobile.contract.read_contract`, the reader the
+     vLLM plugin validates with): every scale (weight/input/output/k/v) must be finite and > 0, bits, shapes and
+     KV sharing must agree with the config, else `ContractError` names the tensor or field.
 
 Workarounds (transformers 5.19 + compressed-tensors 0.17), active only inside `load_reference`:
 - `_init_weights` of a packed `nn.Embedding` (no `.weight`, only `weight_packed`) raises
@@ -37,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -47,18 +48,12 @@ from typing import Any, Iterator
 import torch
 
 from kernels.scales import invalid_scales
-from vllm_gemma_mobile.metadata import KV_BITS
+from vllm_gemma_mobile.contract import CheckpointContract, ContractError, read_contract
 
 logger = logging.getLogger(__name__)
 
 KV_ATTN_PREFIX = "gemma_mobile_kv_"
 _KV_ATTR = "_gemma_mobile_kv"
-_LAYER_SCALE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.([kv])_scale$")
-
-
-class ScaleError(ValueError):
-    """A quantization scale is missing, NaN/inf, zero or negative; the message names the tensor."""
-
 
 @dataclass(frozen=True)
 class KVSpec:
@@ -107,7 +102,7 @@ def install_lm_head_srq(model: torch.nn.Module, head) -> None:
         lm.register_forward_hook(lambda m, args, out: fake_quant_kv(out, sy, 8))
 
 
-def install_served_numerics(model: torch.nn.Module, model_dir: str | Path) -> dict[str, int]:
+def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract) -> dict[str, int]:
     """Replace the fake quant of every quantized module by the contract's exact numerics, i.e. what the vLLM plugin
     serves (`kernels.reference`, the plugin's torch backend, bit for bit on CPU):
     - wNa8o8 linears: `kernels.reference.linear` on the checkpoint's packed codes with its f32 scales (x / s_x in
@@ -118,34 +113,24 @@ def install_served_numerics(model: torch.nn.Module, model_dir: str | Path) -> di
     Returns counts. KV fake quant is unchanged (already the one implementation in kernels/kvcache.py)."""
     from kernels import reference as kref
     from kernels.layout import from_compressed_tensors
-    from vllm_gemma_mobile.metadata import parse_metadata
 
-    model_dir = Path(model_dir)
-    t: dict[str, torch.Tensor] = {}
-    from safetensors import safe_open
-
-    for f in _safetensors_files(model_dir):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                t[k] = st.get_tensor(k)
-    head = parse_metadata(mobile_metadata(read_config(model_dir))).lm_head
+    head = contract.lm_head
     counts = {"served_linears": 0, "served_embeddings": 0}
 
-    def packed(name: str, bits: int):
-        shape = t[f"{name}.weight_shape"]
-        pw = from_compressed_tensors(t[f"{name}.weight_packed"], bits, shape).with_codes(torch.int8)
-        return pw, t[f"{name}.weight_scale"].float().reshape(-1).contiguous()
+    def packed(spec, codes_dtype=torch.int8):
+        pw = from_compressed_tensors(contract.load(f"{spec.name}.weight_packed"), spec.bits, list(spec.shape))
+        return (pw if codes_dtype is None else pw.with_codes(codes_dtype)), \
+            contract.load(f"{spec.name}.weight_scale").float().reshape(-1).contiguous()
 
-    def scale(key: str):
-        return t[key].float().reshape(()) if key in t else None
+    def scale(v: float | None):
+        return None if v is None else torch.tensor(v, dtype=torch.float32)  # f32 scale: exact as a double
 
     emb = model.get_input_embeddings()
     for name, m in model.named_modules():
-        scheme = getattr(m, "quantization_scheme", None)
-        if scheme is None or f"{name}.weight_packed" not in t:
+        spec = contract.modules.get(name)
+        if spec is None or getattr(m, "quantization_scheme", None) is None:
             continue
-        bits = scheme.weights.num_bits
-        pw, ws = packed(name, bits)
+        pw, ws = packed(spec)
         if isinstance(m, torch.nn.Embedding):
             g = ws.numel() // pw.n
             rows = (pw.codes.float().view(pw.n, g, -1) * ws.view(pw.n, g, 1)).view(pw.n, pw.k)
@@ -153,100 +138,41 @@ def install_served_numerics(model: torch.nn.Module, model_dir: str | Path) -> di
             counts["served_embeddings"] += 1
             if m is emb and model.get_output_embeddings() is not None \
                     and model.get_output_embeddings().weight is m.weight:
-                sx = None if head is None or head.input_scale is None else torch.tensor(head.input_scale)
-                sy = None if head is None or head.output_scale is None else torch.tensor(head.output_scale)
+                sx = scale(head.input_scale if head is not None else None)
+                sy = scale(head.output_scale if head is not None else None)
                 if sx is None:
-                    pw = from_compressed_tensors(t[f"{name}.weight_packed"], bits, t[f"{name}.weight_shape"])
+                    pw, _ = packed(spec, None)
                 lm = model.get_output_embeddings()
                 lm.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy: kref.linear(x, pw, ws, sx, sy)
             continue
-        sx, sy = scale(f"{name}.input_scale"), scale(f"{name}.output_scale")
+        sx, sy = scale(spec.input_scale), scale(spec.output_scale)
         bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
         m.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy, b=bias: kref.linear(x, pw, ws, sx, sy, b)
         counts["served_linears"] += 1
+    missing = sorted(set(contract.modules) - {n for n, _ in model.named_modules()})
+    if missing:
+        raise ContractError(f"{missing[0]}: quantized in the checkpoint but no such module in the model "
+                            f"({len(missing)} in all)")
     return counts
 
 
 def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
-        raise ScaleError(f"{name}: missing (the checkpoint must carry it; see docs/checkpoint-format.md)")
+        raise ContractError(f"{name}: missing (the checkpoint must carry it; see docs/checkpoint-format.md)")
     f = t.detach().float()
     bad = invalid_scales(f) if f.numel() else "empty"
     if bad:
-        raise ScaleError(f"{name}: invalid scale {bad} (must be finite and > 0)")
+        raise ContractError(f"{name}: invalid scale {bad} (must be finite and > 0)")
     return f
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    return files
-
-
-def default_kv_sharing(text_config: dict) -> dict[int, int]:
-    """Gemma 4: each of the last `num_kv_shared_layers` layers reads the KV of the last non-shared layer of the
-    same attention type (what transformers' `store_full_length_kv` / `shared_kv_states` implement)."""
-    from types import SimpleNamespace
-
-    from vllm_gemma_mobile.scheme.spec import kv_sharing  # the one KV-sharing rule (the recipe's, too)
-
-    n = text_config["num_hidden_layers"]
-    types = text_config.get("layer_types") or ["full_attention"] * n
-    return kv_sharing(SimpleNamespace(layer_types=types, num_kv_shared_layers=text_config.get("num_kv_shared_layers")))
-
-
-def load_kv_specs(model_dir: str | Path, meta: dict) -> dict[int, KVSpec]:
-    """Per-layer `KVSpec` from `gemma_mobile.kv_cache.layer_bits` and the `layers.i.self_attn.k_scale` /
-    `v_scale` tensors; KV-shared layers (Gemma 4, `default_kv_sharing`; `kv_cache.kv_sharing` must agree) get
-    their source layer's spec. Raises `ScaleError` naming a missing or invalid tensor."""
-    from safetensors import safe_open
-
-    model_dir = Path(model_dir)
-    kv = (meta or {}).get("kv_cache")
-    if not kv or "layer_bits" not in kv:
-        raise ValueError(f"{model_dir}: quantization_config.gemma_mobile.kv_cache.layer_bits is missing")
-    layer_bits: list[int | None] = list(kv["layer_bits"])
-    raw = read_config(model_dir)
-    text = raw.get("text_config", raw)
-    if len(layer_bits) != text["num_hidden_layers"]:
-        raise ValueError(f"kv_cache.layer_bits has {len(layer_bits)} entries for {text['num_hidden_layers']} layers")
-    sharing = default_kv_sharing(text)
-    if kv.get("kv_sharing") is not None and {int(k): int(v) for k, v in kv["kv_sharing"].items()} != sharing:
-        raise ValueError(f"kv_cache.kv_sharing {kv['kv_sharing']} disagrees with the model, whose KV-shared layers "
-                         f"read {sharing}")
-    found: dict[tuple[int, str], tuple[str, Path]] = {}
-    prefix = "model."
-    for f in _safetensors_files(model_dir):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                if m := _LAYER_SCALE.search(key):
-                    found[(int(m.group(1)), m.group(2))] = (key, f)
-                    prefix = key[: m.start()] + ("." if m.start() else "")
-    tensors: dict[tuple[int, str], torch.Tensor] = {}
-    for (layer, kind), (key, f) in found.items():
-        with safe_open(str(f), "pt") as st:
-            tensors[(layer, kind)] = st.get_tensor(key)
-    specs: dict[int, KVSpec] = {}
-    for i, bits in enumerate(layer_bits):
-        if i in sharing:
-            continue  # reads its source layer's (already quantized) KV; gets the source's spec below
-        if bits is None:
-            raise ValueError(f"layer {i} owns a KV cache but kv_cache.layer_bits[{i}] is null")
-        if bits not in KV_BITS:  # the format's one rule (metadata.KVCacheMeta)
-            raise ValueError(f"kv_cache.layer_bits[{i}] = {bits}: expected one of {KV_BITS}")
-        scales = {}
-        for kind in ("k", "v"):
-            name = f"{prefix}layers.{i}.self_attn.{kind}_scale"
-            scales[kind] = _check_scale(name, tensors.get((i, kind)))
-            if scales[kind].numel() != 1:
-                raise ScaleError(f"{name}: expected one per-tensor scale, got shape {tuple(scales[kind].shape)}")
-        specs[i] = KVSpec(bits, scales["k"].reshape(()), scales["v"].reshape(()), i)
-    for i, src in sharing.items():
-        if src not in specs:
-            raise ValueError(f"KV-shared layer {i} reads layer {src}, which has no KV bits/scales")
-        specs[i] = KVSpec(specs[src].bits, specs[src].k_scale, specs[src].v_scale, src)
-    return specs
+def kv_specs(contract: CheckpointContract) -> dict[int, KVSpec]:
+    """Per-layer `KVSpec` from the contract's KV layers (bits and static k/v scales; a KV-shared Gemma 4 layer gets
+    its source layer's spec). Raises `ContractError` if the checkpoint carries no KV bits."""
+    if not contract.kv or contract.kv[0].bits is None:
+        raise ContractError(f"{contract.path}: quantization_config.gemma_mobile.kv_cache.layer_bits is missing")
+    return {k.layer: KVSpec(k.bits, torch.tensor(k.k_scale, dtype=torch.float32),
+                            torch.tensor(k.v_scale, dtype=torch.float32), k.source) for k in contract.kv}
 
 
 def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -396,6 +322,7 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu", nu
     qc = raw.get("quantization_config")
     meta = mobile_metadata(raw)
     summary: dict[str, Any] = {"path": str(model_dir), "kind": "bf16"}
+    contract = read_contract(model_dir) if meta is not None else None  # fail fast, before the model is built
     if qc is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     elif qc.get("quant_method") != "compressed-tensors":
@@ -428,20 +355,18 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu", nu
             logger.debug("re-tied lm_head to the decompressed embedding table")
         summary.update(_check_activation_quant(model))
     model.eval().to(device)
-    if meta is not None:
-        from vllm_gemma_mobile.metadata import parse_metadata
-
+    if contract is not None:
         if numerics not in ("served", "bf16"):
             raise ValueError(f"numerics={numerics!r}: expected 'served' or 'bf16'")
-        head = parse_metadata(meta).lm_head
+        head = contract.lm_head
         if head is not None:
             summary["lm_head_srq"] = head.model_dump()
         if numerics == "served":
-            summary.update(install_served_numerics(model, model_dir))
+            summary.update(install_served_numerics(model, contract))
         elif head is not None:
             install_lm_head_srq(model, head)
         summary["numerics"] = numerics
-        specs = load_kv_specs(model_dir, meta)
+        specs = kv_specs(contract)
         install_kv_fake_quant(model, specs)
         n = model.config.get_text_config().num_hidden_layers
         summary["kv_bits"] = [specs[i].bits if i in specs else None for i in range(n)]

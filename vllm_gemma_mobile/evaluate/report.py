@@ -1,5 +1,6 @@
 """Size report of a model directory (bf16 or mobile checkpoint, Gemma 3 or Gemma 4): bytes on disk per
-component, parameter counts, and KV-cache bytes per token. Reads only safetensors headers and config.json.
+component, parameter counts, and KV-cache bytes per token. Reads the safetensors headers and config.json; a mobile
+checkpoint also through its contract (`contract.read_contract`: validated, bits per module, KV bits per layer).
 
 Components (by tensor name, first match wins):
 - `scales`: quantization scales and metadata: `*weight_scale`, `*input_scale`, `*output_scale`, `*k_scale`,
@@ -183,6 +184,13 @@ def report(model_dir: str | Path) -> dict[str, Any]:
         "tie_word_embeddings": bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
         "kv_cache": kv_cache_report(config),
     }
+    if result["kind"] == "mobile":  # bits per module and KV layers as the plugin reads them (validated)
+        from vllm_gemma_mobile.contract import read_contract
+
+        contract = read_contract(model_dir)
+        result["quantized_modules"] = contract.summary()
+        result["kv_cache"]["layer_bits"] = contract.kv_layer_bits
+        result["kv_cache"]["kv_source_layer"] = [k.source for k in contract.kv]
     if safetensors_bytes != tensor_bytes + header_bytes:
         raise ValueError(f"{model_dir}: safetensors files hold {safetensors_bytes} bytes, headers+tensors "
                          f"{header_bytes + tensor_bytes}")

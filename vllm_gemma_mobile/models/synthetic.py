@@ -10,8 +10,9 @@
   (presets `gemma4-e2b` / `gemma4-e4b`): uniformly random codes on each module's grid, per-row weight scales
   chosen so that W has an RMS of about 0.02, static input/output scales such that a unit-RMS activation uses
   about a third of the int8 range, k/v scales for every layer that owns a KV cache, the PLE table with one scale
-  per (row, 256-block). `per_layer_model_projection` stays bf16, as in Google's checkpoints (format.md) -- the
-  preset would quantize it to 8 bits; `FLOAT_MODULES` says so in one place;
+  per (row, 256-block), static int8 input / output scales of the tied lm_head (`gemma_mobile.lm_head`; Google's
+  lm_head carries its own, google-format.md). `per_layer_model_projection` stays bf16, as in Google's checkpoints
+  (format.md) and the presets (`model_projection_bits`);
 * `layout="google"`: the same codes and scales in Google's `quant_method: "gemma"` layout (what
   `gemma-mobile convert --to google` would make of the ct checkpoint with the same seed, tensor for tensor);
 * `layout="bf16"`: the dense twin (same shapes, N(0, 0.02) bf16 weights, tied embedding).
@@ -54,7 +55,6 @@ ACT_RANGE_SIGMAS = 3.0     # static scales: a unit-RMS tensor uses 1/3 of the in
 SCALE_JITTER = 0.1         # per-row / per-tensor scales vary by exp(N(0, 0.1)) around their target
 CHUNK_ELEMENTS = 1 << 22   # generated per step (int64 temporaries of bitpack: ~32 MB each)
 SHARD_BYTES = 1 << 30      # target shard size (a larger single tensor gets its own shard)
-FLOAT_MODULES = ("per_layer_model_projection",)  # left bf16, as in Google's checkpoints (format.md)
 
 # config fields of the real text models (gemma.md); `full_every` -> layer_types
 REAL_CONFIGS: dict[str, dict] = {
@@ -112,12 +112,12 @@ def _skeleton(config):
 
 
 def bit_map(kind: Kind, config) -> tuple[dict[str, int], object, object]:
-    """(module -> bits, MobileScheme, Expanded) of the preset for `kind`, with FLOAT_MODULES kept dense."""
+    """(module -> bits, MobileScheme, Expanded) of the preset for `kind` (Google's bit map, format.md)."""
     from vllm_gemma_mobile.scheme import expand, preset
 
     model = _skeleton(config)
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and not n.endswith(FLOAT_MODULES)]
+             if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     scheme = preset(PRESET_OF[kind], config)
     expanded = expand(scheme, config, names)
     return dict(expanded.module_bits), scheme, expanded
@@ -173,6 +173,13 @@ def _act_scale(seed: int, name: str, rms: float, bits: int = 8) -> float:
     g = _gen(seed, name + ":act")
     jitter = math.exp(SCALE_JITTER * float(torch.randn((), generator=g)))
     return float(torch.tensor(ACT_RANGE_SIGMAS * rms / ((hi - lo) / 2) * jitter, dtype=torch.float32))
+
+
+def lm_head_scales(config, seed: int) -> dict[str, float]:
+    """Static int8 input / output scales of the tied lm_head, as real Google checkpoints carry them (google-format.md):
+    input = the final norm's unit-RMS output, output = logits of a unit-RMS input through the WEIGHT_RMS table."""
+    return {"input_scale": _act_scale(seed, "lm_head.input", 1.0),
+            "output_scale": _act_scale(seed, "lm_head.output", WEIGHT_RMS * math.sqrt(config.hidden_size))}
 
 
 def _one(t: torch.Tensor) -> Callable[[], Iterator[torch.Tensor]]:
@@ -278,18 +285,21 @@ def tensor_specs(kind: Kind, config, layout: SynthLayout, seed: int = 0) -> tupl
                                                                                 _one(s.reshape(1))))
                 else:
                     add(f"{prefix}layers.{i}.self_attn.{kv}_cache_scale", TensorSpec("", torch.float32, (), _one(s)))
-    if layout == "google":  # Google's lm_head: byte-identical copy of the table, activation scales 0 (identity)
+    head_scales = lm_head_scales(config, seed)
+    if layout == "google":  # Google's lm_head: byte-identical copy of the table with its own activation scales
         n, k = mods[emb].num_embeddings, mods[emb].embedding_dim
         bits = qbits[emb]
         packed = _packed(seed, emb, n, k, bits, "google")
         add(f"{head}.weight", packed)
         add(f"{head}.weight_scale", TensorSpec("", torch.float32, (n, 1), _one(_weight_scales(seed, emb, n, 1, bits))))
         for which in ("input", "output"):
-            add(f"{head}.{which}_activation_scale", TensorSpec("", torch.float32, (), _one(torch.zeros(()))))
+            add(f"{head}.{which}_activation_scale", TensorSpec("", torch.float32, (), _one(
+                torch.tensor(head_scales[f"{which}_scale"], dtype=torch.float32))))
 
     qc = None
     if layout == "ct":
         qc = _ct_quant_config(scheme, expanded)
+        qc["gemma_mobile"]["lm_head"] = head_scales  # the same SRQ as Google's lm_head (metadata.LMHeadScales)
     elif layout == "google":
         qc = _google_quant_config(qbits, head, emb, mods, model)
     return specs, qc
@@ -316,8 +326,9 @@ def _google_quant_config(qbits: dict[str, int], head: str, emb: str, mods: dict,
 
 # ------------------------------------------------------------------------------------------------ writing
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-              torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8"}
+from vllm_gemma_mobile.convert import ST_DTYPES  # noqa: E402  (safetensors dtype name -> torch dtype)
+
+_ST_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def _shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:

@@ -82,15 +82,6 @@ def load_qat_recipe(path: str | Path | None, overrides: dict[str, Any] | None = 
 
 
 # ------------------------------------------------------------------------------------------------ student
-def _bits_of(packed: torch.Tensor, k: int) -> int:
-    from kernels import bitpack
-
-    for b in bitpack.SUPPORTED_BITS:
-        if packed.shape[-1] == bitpack.ct_packed_width(k, b):
-            return b
-    raise ValueError(f"packed width {packed.shape[-1]} fits no supported bit width for K={k}")
-
-
 def _set_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -121,16 +112,15 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     from transformers import AutoModelForCausalLM
 
     from kernels import bitpack
-    from vllm_gemma_mobile.convert import load_tensors
-    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, load_kv_specs, mobile_metadata, read_config
+    from vllm_gemma_mobile.contract import read_contract
+    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, kv_specs, mobile_metadata, read_config
 
     cfg = read_config(ptq)
-    meta = mobile_metadata(cfg)
-    if meta is None:
+    if mobile_metadata(cfg) is None:
         raise ValueError(f"{ptq}: not a gemma-mobile checkpoint (quantization_config.gemma_mobile missing)")
     if "gemma3" not in cfg.get("model_type", ""):
         raise ValueError(f"{ptq}: QAT supports Gemma 3 checkpoints for now (model_type {cfg.get('model_type')!r})")
-    t = load_tensors(ptq)
+    contract = read_contract(ptq)  # bits, scales and KV of every module, validated (the plugin's reader)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     head_sx = head_sy = None
     if opts.lm_head_scales != "none":
@@ -139,26 +129,23 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
             head_sy = None
     names = []
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, torch.nn.Linear) or f"{name}.weight_packed" not in t:
+        spec = contract.modules.get(name)
+        if not isinstance(mod, torch.nn.Linear) or spec is None:
             continue
-        k = mod.in_features
-        bits = _bits_of(t[f"{name}.weight_packed"], k)
-        codes = bitpack.ct_unpack(t[f"{name}.weight_packed"], bits, k)
-        ws = t[f"{name}.weight_scale"].float().reshape(-1, 1)
-        sy = t.get(f"{name}.output_scale")
-        new = QATLinear(codes.float() * ws, ws, bits, float(t[f"{name}.input_scale"].float()),
-                        None if sy is None else float(sy.float()),
+        codes = bitpack.ct_unpack(contract.load(f"{name}.weight_packed"), spec.bits, spec.shape[1])
+        ws = contract.load(f"{name}.weight_scale").float().reshape(-1, 1)
+        new = QATLinear(codes.float() * ws, ws, spec.bits, spec.input_scale, spec.output_scale,
                         None if mod.bias is None else mod.bias.detach())
         _set_module(model, name, new)
         names.append(name)
     emb = model.get_input_embeddings()
     ename = next(n for n, m in model.named_modules() if m is emb)
-    if f"{ename}.weight_packed" not in t:
+    tspec = contract.modules.get(ename)
+    if tspec is None:
         raise ValueError(f"{ptq}: the embedding table {ename} is not quantized; QAT expects the mobile table")
-    kk = emb.embedding_dim
-    tbits = _bits_of(t[f"{ename}.weight_packed"], kk)
-    tcodes = bitpack.ct_unpack(t[f"{ename}.weight_packed"], tbits, kk)
-    tscale = t[f"{ename}.weight_scale"].float().reshape(-1, 1)
+    tbits = tspec.bits
+    tcodes = bitpack.ct_unpack(contract.load(f"{ename}.weight_packed"), tbits, tspec.shape[1])
+    tscale = contract.load(f"{ename}.weight_scale").float().reshape(-1, 1)
     table = QATTable(tcodes.float() * tscale, tscale, tbits, head_sx, head_sy, trainable=opts.train_table)
     model.gm_table = table
     model.gm_table_name = ename
@@ -170,7 +157,7 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     emb.forward = embed_forward
     emb.weight.requires_grad_(False)
     model.get_output_embeddings().forward = table.head
-    specs = load_kv_specs(ptq, meta)
+    specs = kv_specs(contract)
     install_kv_fake_quant(model, specs, fake_quant=kv_fake_quant_ste)  # the reference's hook, STE gradient
     summary = {"qat_linears": len(names), "table_bits": tbits, "kv_layers": len(specs),
                "lm_head_init": {"input_scale": head_sx, "output_scale": head_sy}}

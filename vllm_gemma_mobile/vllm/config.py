@@ -33,12 +33,11 @@ from vllm.model_executor.layers.quantization.compressed_tensors.utils import (
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-from vllm_gemma_mobile.metadata import parse_metadata
+from vllm_gemma_mobile.contract import CheckpointContract, check_quant_config, read_contract
 from vllm_gemma_mobile.vllm.embedding import GemmaMobileEmbeddingMethod
-from vllm_gemma_mobile.vllm.google_layout import is_google_dir, translated_config
+from vllm_gemma_mobile.vllm.google_layout import is_google_dir
 from vllm_gemma_mobile.vllm.kv_cache import GemmaMobileKVCacheMethod, log_kv_mode
 from vllm_gemma_mobile.vllm.linear import GemmaMobileLinearMethod
-from vllm_gemma_mobile.vllm.validate import validate_checkpoint, validate_quant_config
 
 logger = init_logger("vllm.gemma_mobile.config")  # under vllm's handlers, so it shows in engine logs
 
@@ -81,16 +80,16 @@ class GemmaMobileConfig(QuantizationConfig):
             config = {**config, MARKER: {"version": 1, "scheme": "compressed-tensors"}}
         self._tables: dict[str, torch.nn.Module] = {}  # embed_tokens prefix -> module (lm_head shares its table)
         self._warned_kv = False
-        self._set_contract(None if self.layout == "google" else config)
+        # the checkpoint's contract (contract.py), read once the directory is known (maybe_update_config)
+        self.contract: CheckpointContract | None = None
+        self._set_config(None if self.layout == "google" else config)
 
-    def _set_contract(self, config: dict[str, Any] | None) -> None:
+    def _set_config(self, config: dict[str, Any] | None) -> None:
         """Parse our compressed-tensors `quantization_config` (None: not known yet, Google layout)."""
-        if config is not None:
-            validate_quant_config(config)
+        self.meta = check_quant_config(config) if config is not None else None
         self.config = config
         self.groups: list[dict[str, Any]] = list(((config or {}).get("config_groups") or {}).values())
         self.ignore: list[str] = list((config or {}).get("ignore") or [])
-        self.meta = parse_metadata(config[MARKER]) if config is not None else None
         self.kv_layer_bits: list[int | None] = self.meta.kv_layer_bits if self.meta else []
         self.lm_head_scales = self.meta.lm_head if self.meta else None
 
@@ -134,7 +133,8 @@ class GemmaMobileConfig(QuantizationConfig):
             if not is_google_dir(d):
                 raise ValueError(f"gemma_mobile: {model_name}: Google-layout (quant_method 'gemma') checkpoints are "
                                  "served from a local directory (its tensors are translated at load)")
-            self._set_contract(translated_config(d))
+            self.contract = read_contract(d)  # translated by the converter's code; every tensor header checked
+            self._set_config(self.contract.quantization_config)
             logger.info("gemma_mobile: %s: Google layout (quant_method 'gemma'), served through the "
                         "compressed-tensors contract: groups %s%s", d, sorted(self.config["config_groups"]),
                         f", lm_head SRQ {self.lm_head_scales.model_dump()}" if self.lm_head_scales else "")
@@ -146,7 +146,8 @@ class GemmaMobileConfig(QuantizationConfig):
                            "quantized and stays in the model dtype; weights and static activations are served as "
                            "stored", model_name)
         if d.is_dir() and (d / "config.json").exists():
-            summary = validate_checkpoint(d, self.config)
+            self.contract = read_contract(d, self.config)
+            summary = self.contract.summary()
             logger.info("gemma_mobile: checkpoint %s validated: linear bits %s, embedding %s-bit%s", d,
                         summary["linear"], summary["embedding"],
                         f", per-layer embedding {summary['per_layer_embedding']}-bit"
@@ -179,13 +180,10 @@ class GemmaMobileConfig(QuantizationConfig):
         return lm_head_prefix[: -len("lm_head")] + "model.embed_tokens"
 
     def _embed_group(self, lm_head_prefix: str) -> dict[str, Any] | None:
-        """The group of the input embedding (`...model.embed_tokens`) that a tied `...lm_head` shares."""
+        """The group of the input embedding (`...model.embed_tokens`) that a tied `...lm_head` shares: the same
+        vLLM matching (`_group_for`) that gave the table its own method."""
         embed = self._embed_prefix(lm_head_prefix)
-        for g in self.groups:
-            for t in g.get("targets", []):
-                if re.match(t[3:], embed) if t.startswith("re:") else (embed == t or embed.endswith("." + t)):
-                    return g
-        return None
+        return self._group_for(self._tables.get(embed, torch.nn.Module()), embed)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if self.config is None:

@@ -3,7 +3,8 @@
 How: the plugin translates the checkpoint into our compressed-tensors contract with the SAME code that
 `gemma-mobile convert --to ct` runs (`convert.google_to_ct`), so a Google directory and its converted twin
 are served from identical tensors by construction:
-- config: `GemmaMobileConfig.maybe_update_config` replaces Google's regex bit map by the translated
+- config: `GemmaMobileConfig.maybe_update_config` reads the directory's contract (`contract.read_contract`,
+  which translates through the converter) and replaces Google's regex bit map by the translated
   `config_groups` + `gemma_mobile` metadata (bits per module, `modules_to_not_convert`, per-row and
   per-(row, block) embedding scales, the lm_head's own activation scales, KV bits implied by the layer types);
 - tensors: vLLM's `DefaultModelLoader.get_all_weights` is wrapped (the one upstream hook here: vLLM 0.32 has no
@@ -45,14 +46,6 @@ def is_google_dir(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == "gemma"
-
-
-def translated_config(path: str | Path) -> dict[str, Any]:
-    """Our compressed-tensors `quantization_config` for the Google directory PATH (validates every tensor)."""
-    from vllm_gemma_mobile.convert import google_to_ct
-
-    config, _ = google_to_ct(Path(path), lazy=True)  # headers + scales only: no large tensor is read
-    return config["quantization_config"]
 
 
 def translated_weights(path: str | Path, keep: Callable[[str], bool] | None = None
@@ -101,4 +94,4 @@ def install() -> None:
     DefaultModelLoader.get_all_weights = get_all_weights
 
 
-__all__ = ["install", "is_google_dir", "translated_config", "translated_weights"]
+__all__ = ["install", "is_google_dir", "translated_weights"]
