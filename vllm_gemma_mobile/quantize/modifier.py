@@ -36,7 +36,7 @@ from compressed_tensors.quantization import QuantizationScheme
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
-from pydantic import Field, PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr
 
 from vllm_gemma_mobile.quantize import checkpoint, workarounds
 from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
@@ -50,8 +50,18 @@ def quantizable_module_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
 
 
-class _MobileSchemeMixin:
-    """Shared by both modifiers: expands the preset into config groups and sets per-layer KV bits."""
+class _MobileSchemeMixin(BaseModel):
+    """Shared by both modifiers: the recipe fields (`preset`, `options`) and state; expands the preset into config
+    groups and sets per-layer KV bits. A pydantic model itself, so that its fields and private attributes are
+    inherited by both llmcompressor modifiers (a plain mixin's would not be)."""
+
+    preset: str = "gemma3"
+    options: dict[str, Any] = Field(default_factory=dict)
+    _mobile_scheme: Any = PrivateAttr(None)
+    _mobile_expanded: Any = PrivateAttr(None)
+    _mobile_pipelines: Any = PrivateAttr(None)
+    _lm_head_calibration: Any = PrivateAttr(None)
+    _lm_head_scales: Any = PrivateAttr(None)
 
     def _setup_mobile(self, model: torch.nn.Module) -> None:
         scheme = preset(self.preset, model.config, **dict(self.options))
@@ -150,14 +160,6 @@ class _MobileSchemeMixin:
 class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
     """GPTQ weights + static int8 in/out activations + per-layer static int KV, from a mobile preset."""
 
-    preset: str = "gemma3"
-    options: dict[str, Any] = Field(default_factory=dict)
-    _mobile_scheme: Any = PrivateAttr(None)
-    _mobile_expanded: Any = PrivateAttr(None)
-    _mobile_pipelines: Any = PrivateAttr(None)
-    _lm_head_calibration: Any = PrivateAttr(None)
-    _lm_head_scales: Any = PrivateAttr(None)
-
     def compress_modules(self):
         # GPTQ's column loop is a long chain of tiny ops: OpenMP threads add only synchronization. Measured on
         # this 2-core machine (K=2048, N=640, 4-bit): 1 thread 1.8 s, 2 threads 50 s while the other core is
@@ -172,14 +174,6 @@ class MobileGPTQModifier(_MobileSchemeMixin, GPTQModifier):
 
 class MobileQuantizationModifier(_MobileSchemeMixin, QuantizationModifier):
     """Round-to-nearest weights (recipe's observer) + static int8 in/out activations + static int KV."""
-
-    preset: str = "gemma3"
-    options: dict[str, Any] = Field(default_factory=dict)
-    _mobile_scheme: Any = PrivateAttr(None)
-    _mobile_expanded: Any = PrivateAttr(None)
-    _mobile_pipelines: Any = PrivateAttr(None)
-    _lm_head_calibration: Any = PrivateAttr(None)
-    _lm_head_scales: Any = PrivateAttr(None)
 
 
 for _cls in (MobileGPTQModifier, MobileQuantizationModifier):
