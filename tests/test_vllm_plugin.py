@@ -337,6 +337,13 @@ BAD = {
                        "model.layers.1.mlp.down_proj.weight_packed"),
     "weight_shape_vs_config": ({"tensors": lambda t: t["model.layers.0.mlp.gate_proj.weight_shape"].fill_(64)},
                                "model.layers.0.mlp.gate_proj.weight_shape = [64, 64]"),
+    # a second group that also targets a quantized module: which one applies would depend on the reader
+    "two_groups": ({"config": lambda c: c["config_groups"].__setitem__(
+        "extra", {**c["config_groups"]["w4a8o8"], "targets": ["re:.*mlp\\.up_proj$"]})},
+                   "model.layers.0.mlp.up_proj: matched by 2 quantization_config.config_groups"),
+    "packed_but_ignored": ({"config": lambda c: c.__setitem__("ignore", ["re:.*layers\\.1\\.mlp\\.down_proj$"])},
+                           "model.layers.1.mlp.down_proj.weight_packed: no quantization_config.config_groups entry "
+                           "targets it (it is in quantization_config.ignore)"),
 }
 
 
