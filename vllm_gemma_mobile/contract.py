@@ -207,11 +207,11 @@ def matches(name: str, targets: list[str]) -> bool:
     return any(match_name(name, t) for t in targets)
 
 
-def group_of(name: str, groups: list[dict[str, Any]], ignore: list[str] = ()) -> dict[str, Any] | None:
-    """The first config group targeting module NAME (None if ignored or untargeted)."""
+def groups_of(name: str, groups: dict[str, dict[str, Any]], ignore: list[str] = ()) -> list[str]:
+    """Names of the config groups targeting module NAME (none if it is in `ignore`); the contract wants one."""
     if matches(name, list(ignore)):
-        return None
-    return next((g for g in groups if matches(name, g.get("targets") or [])), None)
+        return []
+    return [k for k, g in groups.items() if matches(name, g.get("targets") or [])]
 
 
 _TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|model\.)")
@@ -404,22 +404,20 @@ def _read(model_dir: Path, layout: str, hf: dict[str, Any], cfg: dict[str, Any],
     meta = check_quant_config(cfg)
     want = expected_shapes(hf, model_dir)
     named = dict(cfg.get("config_groups") or {})
-    groups = list(named.values())
     ignore = cfg.get("ignore") or []
     names = index.headers
     packed = sorted({k.rsplit(".", 1)[0] for k in names if k.endswith(".weight_packed")})
     plain = {k.rsplit(".", 1)[0] for k in names if k.endswith(".weight")}
     for mod in sorted(plain - set(packed)):
-        if mod.endswith(("proj", "gate") + EMBEDDINGS) and group_of(mod, groups, ignore) is not None:
+        if mod.endswith(("proj", "gate") + EMBEDDINGS) and groups_of(mod, named, ignore):
             raise ContractError(f"{mod}.weight: module is targeted by a quantization group but stored "
                                 "unpacked (expected weight_packed / weight_scale / weight_shape)")
     modules: dict[str, ModuleContract] = {}
     for mod in packed:
-        ignored = matches(mod, ignore)
-        hits = [] if ignored else [k for k, g in named.items() if matches(mod, g.get("targets") or [])]
+        hits = groups_of(mod, named, ignore)
         if not hits:
             raise ContractError(f"{mod}.weight_packed: no quantization_config.config_groups entry targets it"
-                                + (" (it is in quantization_config.ignore)" if ignored else ""))
+                                + (" (it is in quantization_config.ignore)" if matches(mod, ignore) else ""))
         if len(hits) > 1:
             raise ContractError(f"{mod}: matched by {len(hits)} quantization_config.config_groups {hits}, expected 1")
         group = named[hits[0]]
@@ -535,5 +533,5 @@ def _read_kv(hf: dict[str, Any], meta: MobileMetadata, index: TensorIndex) -> li
 
 
 __all__ = ["CheckpointContract", "ContractError", "KVLayerContract", "ModuleContract", "TensorIndex",
-           "check_quant_config", "expected_shapes", "group_of", "kv_sharing_of", "matches", "read_contract",
+           "check_quant_config", "expected_shapes", "groups_of", "kv_sharing_of", "matches", "read_contract",
            "text_config", "text_module_name"]

@@ -56,6 +56,30 @@ def _replace_tensors(ckpt: Path, new: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"{ckpt}: no tensors {sorted(left)}")
 
 
+def _embed_weights(ckpt: Path, config: dict) -> dict:
+    """The `weights` args (a live reference into CONFIG) of the one config group of `embed_tokens`."""
+    groups = config["quantization_config"]["config_groups"]
+    hits = [g for g in groups.values() if any(t.endswith("embed_tokens$") for t in g["targets"])]
+    if len(hits) != 1:
+        raise ValueError(f"{ckpt}: expected one config group for embed_tokens, found {len(hits)}")
+    return hits[0]["weights"]
+
+
+def _write_variant(ckpt: Path, out: Path, config: dict, new: dict[str, torch.Tensor]) -> Path:
+    """OUT = a copy of CKPT with the tensors NEW and CONFIG, written to OUT.tmp and renamed when complete. The
+    copy drops CKPT's build key: a variant is not the recipe's output (`quantize(reuse=True)` must not take it)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp)
+    (tmp / ".gemma_mobile_build_key").unlink(missing_ok=True)
+    _replace_tensors(tmp, new)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 def quantize_table(weight: torch.Tensor, bits: int, observer: str = "mse",
                    observer_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-row symmetric `bits` quantization of an embedding table with llmcompressor's (memoryless) observer,
@@ -80,27 +104,16 @@ def requantize_embedding(ckpt: str | Path, base: str | Path, bits: int, out: str
     ckpt, base, out = Path(ckpt), Path(base), Path(out)
     _, table = _find(base, f"{EMBED}.weight")
     config = json.loads((ckpt / "config.json").read_text())
-    groups = config["quantization_config"]["config_groups"]
-    hits = [g for g in groups.values() if any(t.endswith("embed_tokens$") for t in g["targets"])]
-    if len(hits) != 1:
-        raise ValueError(f"{ckpt}: expected one config group for embed_tokens, found {len(hits)}")
+    w = _embed_weights(ckpt, config)
     head = (config["quantization_config"].get("gemma_mobile") or {}).get("lm_head") or {}
     if head.get("output_scale") is not None:
         # The lm_head's output range was calibrated on this table's logits; the calibration inputs are gone.
-        raise ValueError(f"{ckpt}: gemma_mobile.lm_head.output_scale was calibrated on the {hits[0]['weights']['num_bits']}"
+        raise ValueError(f"{ckpt}: gemma_mobile.lm_head.output_scale was calibrated on the {w['num_bits']}"
                          f"-bit table's logits and cannot be re-derived here: re-run the recipe with "
                          f"--set embed_bits={bits} (or build CKPT with --set lm_head_scales=input)")
-    kwargs = hits[0]["weights"].get("observer_kwargs") or {}
-    new = {f"{EMBED}.{k}": v for k, v in quantize_table(table, bits, observer, kwargs).items()}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt, tmp)
-    _replace_tensors(tmp, new)
-    hits[0]["weights"]["num_bits"] = bits
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    new = {f"{EMBED}.{k}": v for k, v in quantize_table(table, bits, observer, w.get("observer_kwargs") or {}).items()}
+    w["num_bits"] = bits
+    _write_variant(ckpt, out, config, new)
     logger.info("wrote %s: embedding re-quantized to %d bits", out, bits)
     return out
 
@@ -120,11 +133,7 @@ def gptq_table(ckpt: str | Path, base: str | Path, out: str | Path, num_samples:
 
     ckpt, base, out = Path(ckpt), Path(base), Path(out)
     config = json.loads((ckpt / "config.json").read_text())
-    groups = config["quantization_config"]["config_groups"]
-    hits = [g for g in groups.values() if any(t.endswith("embed_tokens$") for t in g["targets"])]
-    if len(hits) != 1:
-        raise ValueError(f"{ckpt}: expected one config group for embed_tokens, found {len(hits)}")
-    w = hits[0]["weights"]
+    w = _embed_weights(ckpt, config)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     head = model.get_output_embeddings()
     if head is None or head.weight is not model.get_input_embeddings().weight:
@@ -145,21 +154,13 @@ def gptq_table(ckpt: str | Path, base: str | Path, out: str | Path, num_samples:
     scale = qp["weight_scale"].reshape(-1, 1)
     codes = torch.round(qp["weight"].float() / scale.float()).to(torch.int8)
     logger.info("GPTQ of the table on %d lm_head inputs: loss %.4g", n, loss)
-    new = {f"{EMBED}.weight_packed": bitpack.ct_pack(codes, w["num_bits"]),  # checks the code range f"{EMBED}.weight_scale": scale,
-           f"{EMBED}.weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64)}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt, tmp)
-    (tmp / ".gemma_mobile_build_key").unlink(missing_ok=True)  # no longer the recipe's output
-    _replace_tensors(tmp, new)
+    new = {f"{EMBED}.weight_packed": bitpack.ct_pack(codes, w["num_bits"]),  # checks the code range
+           f"{EMBED}.weight_scale": scale}
     meta = config["quantization_config"]["gemma_mobile"]
     if (meta.get("lm_head") or {}).get("input_scale") is not None:
         meta["lm_head"] = {"input_scale": meta["lm_head"]["input_scale"]}
     else:
         meta.pop("lm_head", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _write_variant(ckpt, out, config, new)
     logger.info("wrote %s: table re-quantized by GPTQ on the lm_head's input statistics", out)
     return out
