@@ -499,6 +499,23 @@ def test_bench_smoke(tmp_path, triton_env):
     assert rep["results"] and all(r["max_abs_diff"] == 0 for r in rep["results"] if r["kind"] == "linear")
 
 
+def test_bench_cases_under_the_interpreter(triton_env, monkeypatch):
+    """The GPU bench's case code (int8 and weight-only lm_head rows, the --warm compile-only pass) runs under the
+    interpreter, so a slip in it cannot waste a lent device's few minutes. Timings are stubbed (no CUDA)."""
+    from kernels import bench
+
+    monkeypatch.setenv("GEMMA_MOBILE_BACKEND", "triton")
+    fake_timer = lambda fn: (fn(), (1.0, "stub"))[1]  # noqa: E731
+    for kind, m in (("lm_head_a8", 2), ("lm_head", 1), ("linear", 8)):
+        row = bench.run_case("tiny", 72, 24, 2, m, fake_timer, kind, {"enabled": False}, device="cpu")
+        assert row["max_abs_diff"] == 0 or (kind == "lm_head" and row["max_rel_diff"] < 2 ** -7), row
+        assert row["kind"] == kind and row["speedup_vs_bf16"] == 1.0
+        warm = bench.run_case("tiny", 72, 24, 2, m, fake_timer, kind, {"enabled": False}, warm=True,
+                              device="cpu")
+        assert "ours_us" not in warm
+    assert bench.target_for("lm_head_a8", 1, 2) == 5.0
+
+
 def test_kernels_compile_for_sm90():
     """Representative variants of every kernel compile to sm_90 cubin (GPU-only rules the interpreter does not
     check: int8 tl.dot tile sizes, scalar branches, atomics, register allocation) -- no GPU needed."""
