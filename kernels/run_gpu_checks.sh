@@ -14,6 +14,8 @@
 #    BENCH_BUDGET_S (default 200 s); writes kernels_bench.json;
 # 4. kernels.kvcache_bench (RUN_KV=1, default): KV write + decode attention at 2k / 8k context, batch 16, 8 q heads /
 #    1 kv head, head_dim 256 int8 and 512 int4, vs bf16 SDPA on the same data (~20-30 s); writes kvcache_bench.json.
+# 5. kernels.tune (only when TUNE_CASES is set, e.g. e2b.gate_up:4:16,e4b.down:2:256): a wider config grid of the
+#    GEMM and the GEMV per case, each config bitwise-checked; compiled in parallel in step 0; writes tune.json.
 # Knobs: BENCH_MS (default 1,16,256,4,64), BENCH_SHAPES, BENCH_KINDS (linear,lm_head,lm_head_a8), GEMLITE_MAX_M (16),
 # WARM_JOBS (1 = on), RUN_PARITY / RUN_PLUGIN / RUN_KV (1 = on).
 # Uses $PYTHON (default python3) with a CUDA torch + triton. Exit status: non-zero if the parity tests failed.
@@ -58,6 +60,15 @@ if [ "${WARM_JOBS:-1}" = 1 ]; then
   done
 fi
 
+if [ -n "${TUNE_CASES:-}" ]; then
+  mkdir -p "$OUT/warm"
+  for i in $(seq 0 $((${TUNE_JOBS:-8} - 1))); do
+    timeout "${WARM_TIMEOUT_S:-150}" "$PY" -m kernels.tune --warm --cases "$TUNE_CASES" --part "$i/${TUNE_JOBS:-8}" \
+        --out "$OUT/warm/tune$i.json" > "$OUT/warm/tune$i.log" 2>&1 &
+    warm_pids+=($!)
+  done
+fi
+
 if [ "${RUN_PARITY:-1}" = 1 ]; then
   if "$PY" -c "import pytest" 2>/dev/null; then
     # conftest.py of the repo only defines fixtures; -p no:cacheprovider: the tree may be read-only
@@ -86,6 +97,12 @@ timeout "${BENCH_TIMEOUT_S:-300}" "$PY" -m kernels.bench --out "$OUT/kernels_ben
 bstatus=$?
 sed -n '/^shape /,$p' "$OUT/kernels_bench.log"; tail -3 "$OUT/kernels_bench.log"
 echo "bench done at $((SECONDS - t0)) s"
+
+if [ -n "${TUNE_CASES:-}" ]; then
+  timeout "${TUNE_TIMEOUT_S:-200}" "$PY" -m kernels.tune --cases "$TUNE_CASES" --out "$OUT/tune.json" 2>&1 \
+      | tee "$OUT/tune.log" | tail -40
+  echo "tune done at $((SECONDS - t0)) s"
+fi
 
 if [ "${RUN_KV:-1}" = 1 ]; then
   timeout 60 "$PY" -m kernels.kvcache_bench --out "$OUT/kvcache_bench.json" --budget-s "${KV_BENCH_BUDGET_S:-30}" \

@@ -505,6 +505,7 @@ def test_bench_cases_under_the_interpreter(triton_env, monkeypatch):
     from kernels import bench
 
     monkeypatch.setenv("GEMMA_MOBILE_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # also on a GPU machine (GEMMA_MOBILE_TEST_DEVICE=cuda)
     fake_timer = lambda fn: (fn(), (1.0, "stub"))[1]  # noqa: E731
     for kind, m in (("lm_head_a8", 2), ("lm_head", 1), ("linear", 8)):
         row = bench.run_case("tiny", 72, 24, 2, m, fake_timer, kind, {"enabled": False}, device="cpu")
@@ -514,6 +515,19 @@ def test_bench_cases_under_the_interpreter(triton_env, monkeypatch):
                               device="cpu")
         assert "ours_us" not in warm
     assert bench.target_for("lm_head_a8", 1, 2) == 5.0
+
+
+def test_tune_sweep_under_the_interpreter(triton_env, monkeypatch, tmp_path):
+    """kernels.tune (the GPU config sweep) runs its configs through ops.linear and checks each bitwise."""
+    from kernels import tune
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert {c["BLOCK_M"] for c in tune.gemm_grid(16)} == {16} and tune.gemv_grid(256) == []
+    assert tune.parse_cases("e2b.down:2:16") == [("e2b.down", 6144, 1536, 2, 16)]
+    rep = tune.run([("tiny", 72, 24, 2, 16)], str(tmp_path / "t.json"), False, (0, 16), device="cpu",
+                   bench=lambda fn: (fn(), (1.0, "stub"))[1])
+    assert {r["kernel"] for r in rep["results"]} == {"gemm", "gemv"}
+    assert all(r.get("max_abs_diff") == 0 for r in rep["results"]), rep["results"]
 
 
 def test_kernels_compile_for_sm90():
