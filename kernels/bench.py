@@ -154,7 +154,7 @@ def run_case(label: str, k: int, n: int, bits: int, m: int, bench, kind: str, gl
         got = call()
         if warm:  # also compile the alternatives timed below
             if m <= 16:
-                ops.linear(x, w, ws, si, so, kernel="gemm" if m <= ops.gemv_max_m() else "gemv")
+                ops.linear(x, w, ws, si, so, kernel="gemm" if m <= ops.gemv_max_m(n) else "gemv")
             if m <= 4:
                 from .gemv import prepack_default
 
@@ -172,7 +172,7 @@ def run_case(label: str, k: int, n: int, bits: int, m: int, bench, kind: str, gl
     row.update(
         ours_us=round(t_ours * 1e3, 2), bf16_us=round(t_bf16 * 1e3, 2), speedup_vs_bf16=round(t_bf16 / t_ours, 3),
         weight_GBps=round(wbytes / t_ours / 1e6, 1), bf16_weight_GBps=round(n * k * 2 / t_bf16 / 1e6, 1),
-        timing=how, kernel="gemv" if m <= ops.gemv_max_m() else "gemm",
+        timing=how, kernel="gemv" if m <= ops.gemv_max_m(n) else "gemm",
     )
     if m <= 16 and kind == "linear":  # the other small-M kernel, to tune GEMMA_MOBILE_GEMV_MAX_M
         other = "gemm" if row["kernel"] == "gemv" else "gemv"
@@ -275,7 +275,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bench = _timer()
     t_start = time.time()
     meta = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-            "gemv_max_m": ops.gemv_max_m(), "gemlite_max_m": args.gemlite_max_m, "warm": args.warm}
+            "gemv_max_m_small_n": ops.gemv_max_m(0), "gemv_max_m_large_n": ops.gemv_max_m(1 << 30),
+            "gemlite_max_m": args.gemlite_max_m, "warm": args.warm}
     if not args.warm:
         meta["copy_GBps"] = round(copy_bandwidth(bench), 1)
     print(json.dumps(meta), flush=True)

@@ -1,7 +1,7 @@
 """Public dispatch API (what the vLLM plugin calls). vLLM-free; Triton is imported only when used.
 
 Backend choice: ``backend`` argument, else env ``GEMMA_MOBILE_BACKEND`` (``triton`` | ``torch`` | ``packed``), else
-by device: CUDA -> Triton (``gemv`` for ``M <= GEMMA_MOBILE_GEMV_MAX_M``, default 4; ``gemm`` above), CPU -> torch
+by device: CUDA -> Triton (``gemv`` for ``M <= gemv_max_m(N)``, ``gemm`` above), CPU -> torch
 reference (``torch._int_mm``). ``packed``: the reference's numerics with the products computed by
 ``kernels.cpu_packed`` (AVX2 C++ over the packed codes, CPU). Forcing ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
 
@@ -26,8 +26,15 @@ BACKENDS = ("triton", "torch", "packed")
 MAX_K = 65536  # int32 accumulation bound: 8-bit fields 255*128*K + offset term stay < 2^31
 
 
-def gemv_max_m() -> int:
-    return int(os.environ.get("GEMMA_MOBILE_GEMV_MAX_M", "4"))
+def gemv_max_m(n: int = 0) -> int:
+    """Largest M sent to the GEMV for an N-row weight: env ``GEMMA_MOBILE_GEMV_MAX_M`` if set, else 16 for
+    N <= 16384 and 4 above. Measured on an H200 (kernels/README.md, ``kernels.bench`` + ``kernels.tune``): at
+    M=16 the GEMV (4-row blocks, each re-reading the weights) beat the autotuned tensor-core GEMM on every E2B/E4B
+    linear with N <= 16384 (10-29 us vs 15-37 us), tied or lost above (gate_up_2x, e4b.gate_up, the lm_head)."""
+    env = os.environ.get("GEMMA_MOBILE_GEMV_MAX_M")
+    if env:
+        return int(env)
+    return 16 if n <= 16384 else 4
 
 
 def select_backend(device: torch.device, backend: Optional[str] = None) -> str:
@@ -87,7 +94,7 @@ def linear(
     m = x2.shape[0]
     out = torch.empty(m, w.n, dtype=odt, device=x.device)
     if m > 0:
-        which = kernel or ("gemv" if m <= gemv_max_m() else "gemm")
+        which = kernel or ("gemv" if m <= gemv_max_m(w.n) else "gemm")
         if which == "gemv":
             from . import gemv as mod
         elif which == "gemm":
