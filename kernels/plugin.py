@@ -15,6 +15,8 @@ bias or requant, the caller all-reduces, ``linear_finish`` adds the bias once an
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,6 +25,34 @@ import torch
 from . import bitpack, cpu_packed, ops
 from .layout import PackedWeight, from_compressed_tensors
 from .reference import epilogue
+
+
+logger = logging.getLogger(__name__)
+_KV_WARNED = False
+
+
+def kv_kernels(device: torch.device) -> tuple:
+    """(write, attend) of the quantized KV cache on ``device`` - what the plugin's attention layers run and what
+    the evaluation reference calls, so both compute the same attention bit for bit: Triton on CUDA; on CPU the C++
+    kernels (``kernels.cpu_kv``), or the torch reference (``kernels.kvcache``, same numerics up to f32 summation
+    order) when ``GEMMA_MOBILE_BACKEND=torch`` or the extension cannot be built (logged once)."""
+    global _KV_WARNED
+    if device.type == "cuda":
+        from .kvcache_triton import paged_attention_triton, write_kv_cache_triton
+
+        return write_kv_cache_triton, paged_attention_triton
+    from . import cpu_kv
+    from . import kvcache as kvc
+
+    if os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower() != "torch":
+        ok, why = cpu_packed.status()
+        if ok:
+            return cpu_kv.write_kv_cache, cpu_kv.paged_attention
+        if not _KV_WARNED:
+            logger.warning("gemma_mobile: C++ KV-cache kernels unavailable (%s); the quantized KV cache runs on the "
+                           "torch reference (same numerics, slower)", why)
+            _KV_WARNED = True
+    return kvc.write_kv_cache, kvc.paged_attention
 
 
 def release_freed_memory() -> None:

@@ -36,20 +36,59 @@ def on_kv_grid(t: torch.Tensor, scale: torch.Tensor, bits: int) -> bool:
 
 @contextmanager
 def spy_attention(record: dict):
-    """Wrap the global sdpa attention function: record (module, key, value) per layer_idx of every call."""
+    """Record per layer_idx what attention reads, as (module, K, V): on the reference's served-kernel path the
+    K/V dequantized from the cache the served write op filled (`kernels.plugin.kv_kernels`, what the kernel's
+    attention reads); on the f32 fallback and with KV quant off, the K/V handed to the base sdpa function."""
+    import kernels.plugin as kplugin
+    from kernels.kvcache import code_bytes, decode_kv
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    orig = ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+    from vllm_gemma_mobile.evaluate.reference import KV_ATTN_PREFIX
 
-    def spy(module, query, key, value, attention_mask, **kw):
-        record[module.layer_idx] = (module, key.detach().clone(), value.detach().clone())
-        return orig(module, query, key, value, attention_mask, **kw)
+    table = ALL_ATTENTION_FUNCTIONS._global_mapping
+    orig_sdpa, orig_kv, orig_kernels = table["sdpa"], table.get(KV_ATTN_PREFIX + "sdpa"), kplugin.kv_kernels
+    current: list = [None]
 
-    ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = spy
+    def as_model_dtype(t: torch.Tensor) -> torch.Tensor:
+        """The f32 fallback hands sdpa f32 copies of the bf16 K/V: back to bf16, only if that is exact."""
+        t = t.detach().clone()
+        if t.dtype == torch.float32:
+            b = t.to(torch.bfloat16)
+            return b if torch.equal(b.float(), t) else t
+        return t
+
+    def spy_sdpa(module, query, key, value, attention_mask, **kw):
+        record[module.layer_idx] = (module, as_model_dtype(key), as_model_dtype(value))
+        return orig_sdpa(module, query, key, value, attention_mask, **kw)
+
+    def spy_kv(module, *args, **kw):
+        current[0] = module
+        return orig_kv(module, *args, **kw)
+
+    def spy_kernels(device):
+        write, attend = orig_kernels(device)
+
+        def spy_write(cache, key, value, slots, ks, vs, bits):
+            write(cache, key, value, slots, ks, vs, bits)
+            cb = code_bytes(key.shape[-1], bits)
+            module = current[0]
+            k = decode_kv(cache[..., :cb], ks, bits, key.dtype)  # [B, H, T, D]
+            v = decode_kv(cache[..., cb:], vs, bits, value.dtype)
+            record[module.layer_idx] = (module, k, v)
+
+        return spy_write, attend
+
+    table["sdpa"] = spy_sdpa
+    if orig_kv is not None:
+        table[KV_ATTN_PREFIX + "sdpa"] = spy_kv
+    kplugin.kv_kernels = spy_kernels
     try:
         yield record
     finally:
-        ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = orig
+        table["sdpa"] = orig_sdpa
+        if orig_kv is not None:
+            table[KV_ATTN_PREFIX + "sdpa"] = orig_kv
+        kplugin.kv_kernels = orig_kernels
 
 
 def make_mobile(src: Path, out: Path, *, kv_bits: dict[str, int] | None = None, kv_scale_mult: float = 1.0,

@@ -92,6 +92,11 @@ def test_engine_serves_gemma4_recipe_output(llm, mobile_g4):
     assert info["linear_bits"] == [2, 4, 8]
     kv = info["kv"]
     assert [k["bits"] for k in kv[:4]] == [8, 8, 4, 8] and all(k["k_scale"] > 0 for k in kv[:4])
+    from vllm_gemma_mobile.vllm.float_ops import describe as float_ops
+
+    fo = llm.apply_model(float_ops)[0]  # RoPE / norms with the reference's rounding (vllm/float_ops.py)
+    assert fo["rotary_total"] >= 1 and fo["rotary"] == fo["rotary_total"], fo
+    assert fo["rms_norm_total"] > 0 and fo["rms_norm"] == fo["rms_norm_total"], fo
     assert all(k["k_scale"] is None for k in kv[4:])  # KV-shared: no scales of their own
 
 

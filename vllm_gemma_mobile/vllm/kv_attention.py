@@ -2,7 +2,8 @@
 whose per-layer KV spec is a byte page (so vLLM really allocates 1 or 0.5 byte per element), which quantizes
 on write and attends over the quantized blocks: on CPU with `kernels/cpu_kv.py` (C++, AVX2; the torch reference
 `kernels/kvcache.py` where the extension cannot be built or `GEMMA_MOBILE_BACKEND=torch`), on CUDA with
-`kernels/kvcache_triton.py`. `kv_kernels(device)` makes that choice, once per layer.
+`kernels/kvcache_triton.py`. `kernels.plugin.kv_kernels(device)` makes that choice, once per layer (the
+evaluation reference calls the same).
 
 Page (one per block, vLLM's `[num_blocks, num_kv_heads, block_size, C]` uint8 view): each token row holds the
 K codes then the V codes, `C = 2 * head_dim` bytes (int8) or `2 * head_dim / 2` (int4, two codes per byte,
@@ -23,7 +24,6 @@ the target layer at the first forward).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -35,37 +35,11 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from kernels import cpu_packed
-
-from kernels import cpu_kv
 from kernels import kvcache as kvc
+from kernels.plugin import kv_kernels
 
-logger = init_logger("vllm.gemma_mobile.kv_attention")
-_WARNED = False
-
-
-def kv_kernels(device: torch.device) -> tuple:
-    """(write, attend) for a cache on ``device``: Triton on CUDA; on CPU the C++ kernels (`kernels.cpu_kv`), or the
-    torch reference (same numerics, ~15 torch ops per request and layer) when `GEMMA_MOBILE_BACKEND=torch` or the
-    extension cannot be built (logged once)."""
-    global _WARNED
-    if device.type == "cuda":
-        from kernels.kvcache_triton import paged_attention_triton, write_kv_cache_triton
-
-        return write_kv_cache_triton, paged_attention_triton
-    forced = os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower()
-    if forced != "torch":
-        ok, why = cpu_packed.status()
-        if ok:
-            return cpu_kv.write_kv_cache, cpu_kv.paged_attention
-        if not _WARNED:
-            logger.warning("gemma_mobile: C++ KV-cache kernels unavailable (%s); the quantized KV cache runs on the "
-                           "torch reference (same numerics, slower)", why)
-            _WARNED = True
-    return kvc.write_kv_cache, kvc.paged_attention
 
 
 @dataclass
