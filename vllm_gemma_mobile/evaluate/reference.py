@@ -18,10 +18,11 @@
      calibrating (bit-exact round trip). It is applied where attention reads K/V (a registered attention
      function wrapping the model's own sdpa/eager one); since the quantizer is idempotent (bf16, |n| <= 256) this
      equals quantizing once at cache-write time. Gemma 4 KV-shared layers read the source layer's K/V and use
-     its scales/bits. With the KV fake quant on, the attention itself runs in f32 over the bf16 values, output
-     rounded once (the served quantized cache's numerics, `kernels/kvcache.py`); the server in turn runs RoPE and
-     the residual-add RMSNorm with this model code's rounding (`vllm_gemma_mobile/vllm/float_ops.py`), so the
-     served layers are bit-identical to these up to f32 summation order inside attention.
+     its scales/bits. With the KV fake quant on, the attention itself is the served one: the plugin's own KV
+     kernels (`kernels.plugin.kv_kernels`) over a one-page quantized cache per sequence (f32 fallback with the
+     same math for padded batches, cached decoding and QAT); the server in turn runs RoPE and the residual-add
+     RMSNorm with this model code's rounding (`vllm_gemma_mobile/vllm/float_ops.py`), so served and evaluated
+     models are bit-identical (eager serving; README "Served vs evaluated").
   3. The checkpoint is read once through the contract (`vllm_gemma_mobile.contract.read_contract`, the reader the
      vLLM plugin validates with): every scale (weight/input/output/k/v) must be finite and > 0, bits, shapes and
      KV sharing must agree with the config, else `ContractError` names the tensor or field.
@@ -188,9 +189,8 @@ def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     op, paged attention over the codes), so reference and server agree bit for bit (the C++ kernel's order of
     summation depends only on each row's keys, not on vLLM's blocks or chunks). That needs a plain causal (and
     sliding-window) mask over the sequence's own keys; any other mask (padding), a KV cache from earlier calls, a
-    QAT straight-through quantizer or a gradient takes the
-    f32 path: fake-quantized K/V, the base function on f32 inputs, output rounded once to the query dtype - the
-    same math up to summation order. (The base function in bf16 - CPU SDPA rounds P to bf16 before P.V -
+    QAT straight-through quantizer or a gradient takes the f32 path: fake-quantized K/V, the base function on f32
+    inputs, output rounded once to the query dtype - the same math up to summation order. (The base function in bf16 - CPU SDPA rounds P to bf16 before P.V -
     differed from the server by ~1 % per attention output, which the static int8 requantization downstream
     amplified to a 2.3x perplexity gap on single windows of the real 270M.)"""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

@@ -25,13 +25,13 @@ platforms; served numerics then differ from the evaluation's, the start-up log s
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Callable, Optional
 
 import torch
+from vllm.logger import init_logger
 
-logger = logging.getLogger(__name__)
+logger = init_logger("vllm.gemma_mobile.float_ops")
 
 _MARK = "_gemma_mobile_float_ops"
 ENV = "GEMMA_MOBILE_FLOAT_OPS"
