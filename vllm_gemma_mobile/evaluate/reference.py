@@ -197,7 +197,12 @@ def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
     spec: KVSpec | None = getattr(module, _KV_ATTR, None)
     out_dtype = query.dtype
-    if spec is not None:
+    if spec is not None and not getattr(module, _KV_ATTR + "_served", True):
+        # numerics="bf16": compressed-tensors' calibration-time semantics (fake quant, the base function in the
+        # model dtype), which a calibrated in-memory model reproduces bit for bit
+        key = fake_quant_kv(key, spec.k_scale, spec.bits)
+        value = fake_quant_kv(value, spec.v_scale, spec.bits)
+    elif spec is not None:
         fq = getattr(module, _KV_ATTR + "_fn", fake_quant_kv)
         if fq is fake_quant_kv and not (torch.is_grad_enabled() and query.requires_grad) \
                 and query.dtype in (torch.bfloat16, torch.float32) and key.shape[2] == query.shape[2] \
@@ -258,9 +263,12 @@ def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
             if "attention" in type(m).__name__.lower() and hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
 
 
-def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec], fake_quant=None) -> int:
+def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec], fake_quant=None,
+                          served_attention: bool = True) -> int:
     """Attach `specs` to the attention modules and switch the model to the KV-quantizing attention function.
     `fake_quant(x, scale, bits)` replaces `fake_quant_kv` (QAT: the same values with a straight-through gradient).
+    `served_attention`: the served attention (the plugin's KV kernels, or f32 where they cannot run; see
+    `_kv_attention`); False = fake quant then the model's own attention in its dtype (`numerics="bf16"`).
 
     Every attention layer must have a spec. Returns the number of attention modules that got one.
     """
@@ -274,6 +282,7 @@ def install_kv_fake_quant(model: torch.nn.Module, specs: dict[int, KVSpec], fake
         if m.layer_idx not in specs:
             raise ValueError(f"{name}: layer {m.layer_idx} has no KV bits/scales")
         setattr(m, _KV_ATTR, specs[m.layer_idx])
+        setattr(m, _KV_ATTR + "_served", served_attention)
         if fake_quant is not None:
             setattr(m, _KV_ATTR + "_fn", fake_quant)
     base = model.config._attn_implementation or "sdpa"
@@ -369,7 +378,8 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu", nu
     """Load `model_dir` (bf16 or mobile checkpoint) as the fake-quant reference; returns `(model, tokenizer)`.
 
     `numerics`: "served" (default) = the contract's exact integer numerics that the vLLM plugin runs
-    (`install_served_numerics`), so evaluated == served; "bf16" = compressed-tensors' own fake quant in bf16,
+    (`install_served_numerics`) and its attention over the quantized KV cache, so evaluated == served; "bf16" =
+    compressed-tensors' own fake quant in bf16 with the model's own attention after the KV fake quant,
     which equals transformers' `gemma_quant` reader of Google's layout bit for bit (tests/test_convert.py).
 
     `model.gemma_mobile_reference` holds a summary (kind, quantized module counts, KV bits per layer).
@@ -427,7 +437,7 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu", nu
             install_lm_head_srq(model, head)
         summary["numerics"] = numerics
         specs = kv_specs(contract)
-        install_kv_fake_quant(model, specs)
+        install_kv_fake_quant(model, specs, served_attention=numerics == "served")
         n = model.config.get_text_config().num_hidden_layers
         summary["kv_bits"] = [specs[i].bits if i in specs else None for i in range(n)]
         summary["kv_source_layer"] = [specs[i].source_layer if i in specs else None for i in range(n)]
