@@ -59,21 +59,32 @@ inline __m256 round_to(__m256 v) {
   }
 }
 
-// 8 codes starting at element e of a row (int8: 8 bytes; int4: 4 bytes) -> float(T(code * s)).
+// Dequantizer of one scale: 8 codes starting at element e of a row (int8: 8 bytes; int4: 4 bytes) ->
+// float(T(code * s)). int4 has 16 codes, so their 16 values are computed once with that same formula and looked
+// up (two in-register tables, selected by the nibble's top bit): bitwise the formula, 4 fewer ops per 8 values.
 template <typename T, int BITS>
-inline __m256 load_codes(const uint8_t* row, int64_t e, __m256 s) {
-  __m256i c;
-  if constexpr (BITS == 8) {
-    c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)));
-  } else {
-    int32_t word;
-    std::memcpy(&word, row + e / 2, 4);
-    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);  // nibble i = element i (little endian)
-    c = _mm256_sub_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), sh), _mm256_set1_epi32(0xF)),
-                         _mm256_set1_epi32(8));
+struct Dequant {
+  __m256 s, lo, hi;
+  explicit Dequant(float scale) : s(_mm256_set1_ps(scale)) {
+    if constexpr (BITS == 4) {
+      lo = round_to<T>(_mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), s));  // nibbles 0..7
+      hi = round_to<T>(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), s));          // nibbles 8..15
+    }
   }
-  return round_to<T>(_mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
-}
+  inline __m256 operator()(const uint8_t* row, int64_t e) const {
+    if constexpr (BITS == 8) {
+      const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)));
+      return round_to<T>(_mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
+    } else {
+      int32_t word;
+      std::memcpy(&word, row + e / 2, 4);
+      const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);  // nibble i = element i (little endian)
+      const __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(word), sh);  // nibble in bits 0..3 (higher bits junk)
+      const __m256 top = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28));  // sign bit = the nibble's bit 3
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, nib), _mm256_permutevar8x32_ps(hi, nib), top);
+    }
+  }
+};
 
 struct Cache {
   const uint8_t* base;
@@ -82,14 +93,39 @@ struct Cache {
   const uint8_t* row(int64_t block, int64_t head, int64_t tok) const { return base + block * sb + head * sh + tok * st; }
 };
 
-constexpr int kKT = 64;  // keys dequantized per tile
+constexpr int kKT = 32;      // keys dequantized per tile (32 x 256 f32 = 32 KB: stays in L1/L2)
+constexpr int kSplit = 64;   // decode splits start at multiples of this many keys
 constexpr int kRB = 4;   // score / P.V rows sharing each K / V load (query heads of one position)
 
 // Scores of RB rows (q: RB rows, stride d) against keys [ja, jb) of the dequantized tile kt (first key j0).
+// Two keys per pass: 2 x RB independent accumulators keep both FMA pipes busy (one chain per row waits on the
+// FMA latency); each dot product still sums its 8-lane partials in the same order (e = 0, 8, ..), so the
+// scores are bitwise those of a one-key loop.
 template <int RB>
 inline void scores_rows(const float* q, int64_t d, const float* kt, int64_t j0, int64_t ja, int64_t jb, float scale,
                         float softcap, float* sc, int64_t nk, int64_t k0) {
-  for (int64_t j = ja; j < jb; ++j) {
+  auto store = [&](int64_t j, __m256 acc, int r) {
+    float s = hsum8(acc) * scale;
+    if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+    sc[r * nk + (j - k0)] = s;
+  };
+  int64_t j = ja;
+  for (; j + 1 < jb; j += 2) {
+    const float* k0r = kt + (j - j0) * d;
+    const float* k1r = k0r + d;
+    __m256 a0[RB], a1[RB];
+    for (int r = 0; r < RB; ++r) a0[r] = _mm256_setzero_ps(), a1[r] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) {
+      const __m256 kv0 = _mm256_loadu_ps(k0r + e), kv1 = _mm256_loadu_ps(k1r + e);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * d + e);
+        a0[r] = _mm256_fmadd_ps(qv, kv0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(qv, kv1, a1[r]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) store(j, a0[r], r), store(j + 1, a1[r], r);
+  }
+  for (; j < jb; ++j) {
     const float* kr = kt + (j - j0) * d;
     __m256 acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
@@ -97,19 +133,32 @@ inline void scores_rows(const float* q, int64_t d, const float* kt, int64_t j0, 
       const __m256 kv = _mm256_loadu_ps(kr + e);
       for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), kv, acc[r]);
     }
-    for (int r = 0; r < RB; ++r) {
-      float s = hsum8(acc[r]) * scale;
-      if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-      sc[r * nk + (j - k0)] = s;
-    }
+    for (int r = 0; r < RB; ++r) store(j, acc[r], r);
   }
 }
 
-// o[RB rows, stride d] += sum_{j in [ja, jb)} p[r, j] * v_j (vt: the dequantized V tile, first key j0).
+// o[RB rows, stride d] += sum_{j in [ja, jb)} p[r, j] * v_j (vt: the dequantized V tile, first key j0). Two
+// 8-lane column blocks per pass (2 x RB independent accumulators); every output lane still sums over j in
+// order, so the result is bitwise that of a one-block loop.
 template <int RB>
 inline void pv_rows(const float* p, int64_t nk, int64_t k0, const float* vt, int64_t j0, int64_t ja, int64_t jb,
                     int64_t d, float* o) {
-  for (int64_t e = 0; e < d; e += 8) {
+  int64_t e = 0;
+  for (; e + 16 <= d; e += 16) {
+    __m256 a0[RB], a1[RB];
+    for (int r = 0; r < RB; ++r) a0[r] = _mm256_loadu_ps(o + r * d + e), a1[r] = _mm256_loadu_ps(o + r * d + e + 8);
+    for (int64_t j = ja; j < jb; ++j) {
+      const float* vr = vt + (j - j0) * d + e;
+      const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * nk + (j - k0));
+        a0[r] = _mm256_fmadd_ps(pr, v0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(pr, v1, a1[r]);
+      }
+    }
+    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e, a0[r]), _mm256_storeu_ps(o + r * d + e + 8, a1[r]);
+  }
+  for (; e < d; e += 8) {
     __m256 acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = _mm256_loadu_ps(o + r * d + e);
     for (int64_t j = ja; j < jb; ++j) {
@@ -137,6 +186,90 @@ inline std::pair<int64_t, int64_t> tile_keys(int64_t first_pos, int64_t qa, int6
   return {k0, std::max(k0, k1)};
 }
 
+// Decode (one query position per unit): K / V are dequantized in registers and used at once - no tile buffer.
+// Same values (Dequant), same per-dot-product and per-lane summation orders as the tiled path (scores: 8-lane
+// partials over e in order, then hsum8; P.V: each lane sums over j in order, continuing across key tiles), so
+// the results are bitwise those of `scores_rows` / `pv_rows` over a dequantized tile.
+// rows: pointers to the K/V rows of keys [ja, jb) (K at +0, V at +cb); RB query heads (rows of q / p / o).
+template <typename T, int BITS, int RB>
+inline void scores_fused(const float* q, int64_t d, const uint8_t* const* rows, int64_t ja, int64_t jb,
+                         const Dequant<T, BITS>& dq, float scale, float softcap, float* sc, int64_t nk, int64_t k0) {
+  constexpr int NK = RB <= 4 ? 2 : 1;  // keys per pass: NK x RB <= 8 accumulators
+  auto store = [&](int64_t j, __m256 acc, int r) {
+    float s = hsum8(acc) * scale;
+    if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+    sc[r * nk + (j - k0)] = s;
+  };
+  int64_t j = ja;
+  for (; j + NK <= jb; j += NK) {
+    __m256 acc[NK][RB];
+    for (int t = 0; t < NK; ++t)
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) {
+      __m256 kv[NK];
+      for (int t = 0; t < NK; ++t) kv[t] = dq(rows[j - ja + t], e);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 qv = _mm256_loadu_ps(q + r * d + e);
+        for (int t = 0; t < NK; ++t) acc[t][r] = _mm256_fmadd_ps(qv, kv[t], acc[t][r]);
+      }
+    }
+    for (int t = 0; t < NK; ++t)
+      for (int r = 0; r < RB; ++r) store(j + t, acc[t][r], r);
+  }
+  for (; j < jb; ++j) {
+    __m256 acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) {
+      const __m256 kv = dq(rows[j - ja], e);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), kv, acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) store(j, acc[r], r);
+  }
+}
+
+// One pass of pv_fused over the 8 * NE columns [e, e + 8 NE).
+template <typename T, int BITS, int RB, int NE>
+inline void pv_fused_cols(const float* p, int64_t nk, int64_t k0, const uint8_t* const* rows, int64_t off,
+                          int64_t ja, int64_t jb, const Dequant<T, BITS>& dq, int64_t d, int64_t e, float* o) {
+  __m256 acc[NE][RB];
+  for (int t = 0; t < NE; ++t)
+    for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_loadu_ps(o + r * d + e + 8 * t);
+  for (int64_t j = ja; j < jb; ++j) {
+    __m256 vv[NE];
+    for (int t = 0; t < NE; ++t) vv[t] = dq(rows[j - ja] + off, e + 8 * t);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 pr = _mm256_broadcast_ss(p + r * nk + (j - k0));
+      for (int t = 0; t < NE; ++t) acc[t][r] = _mm256_fmadd_ps(pr, vv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < NE; ++t)
+    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e + 8 * t, acc[t][r]);
+}
+
+template <typename T, int BITS, int RB>
+inline void pv_fused(const float* p, int64_t nk, int64_t k0, const uint8_t* const* rows, int64_t off, int64_t ja,
+                     int64_t jb, const Dequant<T, BITS>& dq, int64_t d, float* o) {
+  constexpr int NE = RB <= 4 ? 2 : 1;  // 8-lane column blocks per pass: NE x RB <= 8 accumulators
+  int64_t e = 0;
+  for (; e + 8 * NE <= d; e += 8 * NE) pv_fused_cols<T, BITS, RB, NE>(p, nk, k0, rows, off, ja, jb, dq, d, e, o);
+  for (; e < d; e += 8) pv_fused_cols<T, BITS, RB, 1>(p, nk, k0, rows, off, ja, jb, dq, d, e, o);
+}
+
+// Calls f(std::integral_constant<int, n>{}) for n in 1..8 (row-block sizes of the fused decode path).
+template <typename F>
+inline void dispatch_rows(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // One work unit: request r's queries [qa, qb) x the g query heads of kv head h, over the keys [k0, k1) of its
 // visible range (all of it, or one split of a long decode range). Rows r = i * g + gi; the g rows of one query
 // position see the same keys and are processed in blocks of kRB. Writes the UNNORMALISED partial softmax of
@@ -151,7 +284,8 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
   float* of = po;
   std::fill(of, of + rows * d, 0.f);
   std::vector<float> qf(rows * d), sc(rows * nk);  // sc[r * nk + (j - k0)]: row r, key j
-  std::vector<float> kv(kKT * d);
+  const bool fused = nq == 1;  // decode: dequantize in registers (the tiled path reuses a tile for nq rows)
+  std::vector<float> kv(fused ? 0 : kKT * d);
   std::vector<int64_t> lo(nq), hi(nq);  // visible keys [lo, hi) per query position
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t pos = first_pos + qa + i;
@@ -166,25 +300,41 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
       for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]);
     }
   }
-  const __m256 ksv = _mm256_set1_ps(ks), vsv = _mm256_set1_ps(vs);
-  auto dequant = [&](int64_t j0, int64_t j1, int64_t off, __m256 s) {  // keys [j0, j1) -> kv (off: 0 = K, cb = V)
-    for (int64_t j = j0; j < j1; ++j) {
+  const Dequant<T, BITS> kdq(ks), vdq(vs);
+  auto dequant = [&](int64_t j0, int64_t j1, int64_t off, const Dequant<T, BITS>& dq) {  // keys [j0, j1) -> kv
+    for (int64_t j = j0; j < j1; ++j) {                                                   // (off: 0 = K, cb = V)
       const uint8_t* row = c.row(table[j / c.bs], h, j % c.bs) + off;
       float* dst = kv.data() + (j - j0) * d;
-      for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(dst + e, load_codes<T, BITS>(row, e, s));
+      for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(dst + e, dq(row, e));
     }
   };
+  const uint8_t* krow[kKT];
+  auto rows_of = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) krow[j - j0] = c.row(table[j / c.bs], h, j % c.bs);
+  };
   // Scores.
-  for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
-    const int64_t j1 = std::min(k1, j0 + kKT);
-    dequant(j0, j1, 0, ksv);
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
-      if (a >= b) continue;
-      for (int64_t g0 = 0; g0 < g; g0 += kRB) {
-        const int64_t r = i * g + g0;
-        GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), scores_rows, qf.data() + r * d, d, kv.data(), j0, a, b, scale,
-                       softcap, sc.data() + r * nk, nk, k0)
+  if (fused) {
+    for (int64_t j0 = lo[0]; j0 < hi[0]; j0 += kKT) {
+      const int64_t j1 = std::min(hi[0], j0 + kKT);
+      rows_of(j0, j1);
+      for (int64_t g0 = 0; g0 < g; g0 += 8)
+        dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
+          scores_fused<T, BITS, decltype(rb)::value>(qf.data() + g0 * d, d, krow, j0, j1, kdq, scale, softcap,
+                                                      sc.data() + g0 * nk, nk, k0);
+        });
+    }
+  } else {
+    for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
+      const int64_t j1 = std::min(k1, j0 + kKT);
+      dequant(j0, j1, 0, kdq);
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
+        if (a >= b) continue;
+        for (int64_t g0 = 0; g0 < g; g0 += kRB) {
+          const int64_t r = i * g + g0;
+          GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), scores_rows, qf.data() + r * d, d, kv.data(), j0, a, b, scale,
+                         softcap, sc.data() + r * nk, nk, k0)
+        }
       }
     }
   }
@@ -201,16 +351,27 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
     pm[r] = m, pl[r] = sum;
   }
   // P @ V.
-  for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
-    const int64_t j1 = std::min(k1, j0 + kKT);
-    dequant(j0, j1, c.cb, vsv);
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
-      if (a >= b) continue;
-      for (int64_t g0 = 0; g0 < g; g0 += kRB) {
-        const int64_t r = i * g + g0;
-        GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), pv_rows, sc.data() + r * nk, nk, k0, kv.data(), j0, a, b, d,
-                       of + r * d)
+  if (fused) {
+    for (int64_t j0 = lo[0]; j0 < hi[0]; j0 += kKT) {
+      const int64_t j1 = std::min(hi[0], j0 + kKT);
+      rows_of(j0, j1);
+      for (int64_t g0 = 0; g0 < g; g0 += 8)
+        dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
+          pv_fused<T, BITS, decltype(rb)::value>(sc.data() + g0 * nk, nk, k0, krow, c.cb, j0, j1, vdq, d, of + g0 * d);
+        });
+    }
+  } else {
+    for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
+      const int64_t j1 = std::min(k1, j0 + kKT);
+      dequant(j0, j1, c.cb, vdq);
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
+        if (a >= b) continue;
+        for (int64_t g0 = 0; g0 < g; g0 += kRB) {
+          const int64_t r = i * g + g0;
+          GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), pv_rows, sc.data() + r * nk, nk, k0, kv.data(), j0, a, b, d,
+                         of + r * d)
+        }
       }
     }
   }
@@ -287,7 +448,7 @@ void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const 
     if (ni < nthreads)
       it.ns = std::clamp<int64_t>((it.k1 - it.k0) / 256, 1, std::min<int64_t>(64, (nthreads + ni - 1) / ni));
     it.unit0 = (int64_t)units.size();
-    const int64_t step = ((it.k1 - it.k0 + it.ns - 1) / it.ns + kKT - 1) / kKT * kKT;
+    const int64_t step = ((it.k1 - it.k0 + it.ns - 1) / it.ns + kSplit - 1) / kSplit * kSplit;
     for (int64_t s = 0; s < it.ns; ++s)
       units.push_back({i, std::min(it.k1, it.k0 + s * step), std::min(it.k1, it.k0 + (s + 1) * step)});
     max_rows = std::max(max_rows, (it.qb - it.qa) * g);

@@ -227,3 +227,30 @@ def test_split_decode_matches_reference(bits, window):
                    torch.tensor([n - 1]))
     allowed = bound + _ulp(torch.maximum(got.double().abs(), ref.double().abs()), torch.bfloat16)
     assert bool(((got.double() - ref.double()).abs() <= allowed).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits,hq,d,window", [(8, 4, 256, 300), (4, 8, 512, None), (8, 3, 136, None), (4, 1, 64, 50)])
+def test_decode_path_bitwise_equals_tiled_path(bits, hq, d, window, dtype):
+    """A decoding query (one position per request) runs the fused path (K/V dequantized in registers, several keys
+    or column blocks per pass); a prefill's rows run the tiled path (a dequantized tile shared by the rows). Both
+    keep every dot product's and every output lane's summation order, so on one thread (no split of the key
+    range) the decode output equals the prefill's last row bit for bit - whatever the head count (row blocks
+    of 1..8), head dim (incl. one not a multiple of 16) and window."""
+    torch.manual_seed(hq * d)
+    h, bs, n = 1, 16, 700
+    cache, tables = _scattered([n], h, d, bits, bs, n // bs + 2, seed=d)
+    k = (torch.randn(n, h, d) * 2).to(dtype)
+    v = torch.randn(n, h, d).to(dtype)
+    cpu_kv.write_kv_cache(cache, k, v, _slots(tables, 0, 0, n, bs), 0.04, 0.03, bits)
+    q = torch.randn(n, hq, d).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tiled = cpu_kv.paged_attention(q, cache, torch.tensor([0, n]), torch.tensor([n]), tables, 0.04, 0.03, bits,
+                                       d ** -0.5, sliding_window=window)
+        fused = cpu_kv.paged_attention(q[-1:], cache, torch.tensor([0, 1]), torch.tensor([n]), tables, 0.04, 0.03,
+                                       bits, d ** -0.5, sliding_window=window)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fused.view(-1).view(torch.uint8), tiled[-1:].reshape(-1).contiguous().view(torch.uint8))
