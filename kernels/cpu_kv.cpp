@@ -309,20 +309,21 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
     }
   };
   const uint8_t* krow[kKT];
-  auto rows_of = [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) krow[j - j0] = c.row(table[j / c.bs], h, j % c.bs);
+  // Fused path: fn(j0, j1, g0, rb) per tile of <= kKT visible keys (their rows in krow) and block of <= 8 heads.
+  auto fused_tiles = [&](auto&& fn) {
+    for (int64_t j0 = lo[0]; j0 < hi[0]; j0 += kKT) {
+      const int64_t j1 = std::min(hi[0], j0 + kKT);
+      for (int64_t j = j0; j < j1; ++j) krow[j - j0] = c.row(table[j / c.bs], h, j % c.bs);
+      for (int64_t g0 = 0; g0 < g; g0 += 8)
+        dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) { fn(j0, j1, g0, rb); });
+    }
   };
   // Scores.
   if (fused) {
-    for (int64_t j0 = lo[0]; j0 < hi[0]; j0 += kKT) {
-      const int64_t j1 = std::min(hi[0], j0 + kKT);
-      rows_of(j0, j1);
-      for (int64_t g0 = 0; g0 < g; g0 += 8)
-        dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
-          scores_fused<T, BITS, decltype(rb)::value>(qf.data() + g0 * d, d, krow, j0, j1, kdq, scale, softcap,
-                                                      sc.data() + g0 * nk, nk, k0);
-        });
-    }
+    fused_tiles([&](int64_t j0, int64_t j1, int64_t g0, auto rb) {
+      scores_fused<T, BITS, decltype(rb)::value>(qf.data() + g0 * d, d, krow, j0, j1, kdq, scale, softcap,
+                                                  sc.data() + g0 * nk, nk, k0);
+    });
   } else {
     for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
       const int64_t j1 = std::min(k1, j0 + kKT);
@@ -352,14 +353,9 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
   }
   // P @ V.
   if (fused) {
-    for (int64_t j0 = lo[0]; j0 < hi[0]; j0 += kKT) {
-      const int64_t j1 = std::min(hi[0], j0 + kKT);
-      rows_of(j0, j1);
-      for (int64_t g0 = 0; g0 < g; g0 += 8)
-        dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
-          pv_fused<T, BITS, decltype(rb)::value>(sc.data() + g0 * nk, nk, k0, krow, c.cb, j0, j1, vdq, d, of + g0 * d);
-        });
-    }
+    fused_tiles([&](int64_t j0, int64_t j1, int64_t g0, auto rb) {
+      pv_fused<T, BITS, decltype(rb)::value>(sc.data() + g0 * nk, nk, k0, krow, c.cb, j0, j1, vdq, d, of + g0 * d);
+    });
   } else {
     for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
       const int64_t j1 = std::min(k1, j0 + kKT);
