@@ -95,88 +95,6 @@ struct Cache {
 
 constexpr int kKT = 32;      // keys dequantized per tile (32 x 256 f32 = 32 KB: stays in L1/L2)
 constexpr int kSplit = 64;   // decode splits start at multiples of this many keys
-constexpr int kRB = 4;   // score / P.V rows sharing each K / V load (query heads of one position)
-
-// Scores of RB rows (q: RB rows, stride d) against keys [ja, jb) of the dequantized tile kt (first key j0).
-// Two keys per pass: 2 x RB independent accumulators keep both FMA pipes busy (one chain per row waits on the
-// FMA latency); each dot product still sums its 8-lane partials in the same order (e = 0, 8, ..), so the
-// scores are bitwise those of a one-key loop.
-template <int RB>
-inline void scores_rows(const float* q, int64_t d, const float* kt, int64_t j0, int64_t ja, int64_t jb, float scale,
-                        float softcap, float* sc, int64_t nk, int64_t k0) {
-  auto store = [&](int64_t j, __m256 acc, int r) {
-    float s = hsum8(acc) * scale;
-    if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-    sc[r * nk + (j - k0)] = s;
-  };
-  int64_t j = ja;
-  for (; j + 1 < jb; j += 2) {
-    const float* k0r = kt + (j - j0) * d;
-    const float* k1r = k0r + d;
-    __m256 a0[RB], a1[RB];
-    for (int r = 0; r < RB; ++r) a0[r] = _mm256_setzero_ps(), a1[r] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < d; e += 8) {
-      const __m256 kv0 = _mm256_loadu_ps(k0r + e), kv1 = _mm256_loadu_ps(k1r + e);
-      for (int r = 0; r < RB; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + r * d + e);
-        a0[r] = _mm256_fmadd_ps(qv, kv0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(qv, kv1, a1[r]);
-      }
-    }
-    for (int r = 0; r < RB; ++r) store(j, a0[r], r), store(j + 1, a1[r], r);
-  }
-  for (; j < jb; ++j) {
-    const float* kr = kt + (j - j0) * d;
-    __m256 acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < d; e += 8) {
-      const __m256 kv = _mm256_loadu_ps(kr + e);
-      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), kv, acc[r]);
-    }
-    for (int r = 0; r < RB; ++r) store(j, acc[r], r);
-  }
-}
-
-// o[RB rows, stride d] += sum_{j in [ja, jb)} p[r, j] * v_j (vt: the dequantized V tile, first key j0). Two
-// 8-lane column blocks per pass (2 x RB independent accumulators); every output lane still sums over j in
-// order, so the result is bitwise that of a one-block loop.
-template <int RB>
-inline void pv_rows(const float* p, int64_t nk, int64_t k0, const float* vt, int64_t j0, int64_t ja, int64_t jb,
-                    int64_t d, float* o) {
-  int64_t e = 0;
-  for (; e + 16 <= d; e += 16) {
-    __m256 a0[RB], a1[RB];
-    for (int r = 0; r < RB; ++r) a0[r] = _mm256_loadu_ps(o + r * d + e), a1[r] = _mm256_loadu_ps(o + r * d + e + 8);
-    for (int64_t j = ja; j < jb; ++j) {
-      const float* vr = vt + (j - j0) * d + e;
-      const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-      for (int r = 0; r < RB; ++r) {
-        const __m256 pr = _mm256_broadcast_ss(p + r * nk + (j - k0));
-        a0[r] = _mm256_fmadd_ps(pr, v0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(pr, v1, a1[r]);
-      }
-    }
-    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e, a0[r]), _mm256_storeu_ps(o + r * d + e + 8, a1[r]);
-  }
-  for (; e < d; e += 8) {
-    __m256 acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = _mm256_loadu_ps(o + r * d + e);
-    for (int64_t j = ja; j < jb; ++j) {
-      const __m256 vv = _mm256_loadu_ps(vt + (j - j0) * d + e);
-      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * nk + (j - k0)), vv, acc[r]);
-    }
-    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e, acc[r]);
-  }
-}
-
-#define GM_RB_DISPATCH(n, FN, ...)                   \
-  switch (n) {                                      \
-    case 1: FN<1>(__VA_ARGS__); break;              \
-    case 2: FN<2>(__VA_ARGS__); break;              \
-    case 3: FN<3>(__VA_ARGS__); break;              \
-    default: FN<4>(__VA_ARGS__); break;             \
-  }
-
 // The keys [k0, k1) a tile of queries [qa, qb) (positions first_pos + ..) of a seq_len-token request can see.
 inline std::pair<int64_t, int64_t> tile_keys(int64_t first_pos, int64_t qa, int64_t qb, int64_t seq_len,
                                              int64_t window, bool causal) {
@@ -186,28 +104,42 @@ inline std::pair<int64_t, int64_t> tile_keys(int64_t first_pos, int64_t qa, int6
   return {k0, std::max(k0, k1)};
 }
 
-// Decode (one query position per unit): K / V are dequantized in registers and used at once - no tile buffer.
-// Same values (Dequant), same per-dot-product and per-lane summation orders as the tiled path (scores: 8-lane
-// partials over e in order, then hsum8; P.V: each lane sums over j in order, continuing across key tiles), so
-// the results are bitwise those of `scores_rows` / `pv_rows` over a dequantized tile.
-// rows: pointers to the K/V rows of keys [ja, jb) (K at +0, V at +cb); RB query heads (rows of q / p / o).
-template <typename T, int BITS, int RB>
-inline void scores_fused(const float* q, int64_t d, const uint8_t* const* rows, int64_t ja, int64_t jb,
-                         const Dequant<T, BITS>& dq, float scale, float softcap, float* sc, int64_t nk, int64_t k0) {
-  constexpr int NK = RB <= 4 ? 2 : 1;  // keys per pass: NK x RB <= 8 accumulators
+// Where a key's values come from: ld(i, e) = the 8 values at elements [e, e + 8) of key ja + i, as f32.
+// TileKeys: a dequantized f32 tile (prefill / chunks: shared by several query positions). CodeKeys: the cache
+// rows themselves, dequantized in registers (decode: one position, so no tile buffer is worth writing).
+struct TileKeys {
+  const float* t;  // row of key ja
+  int64_t d;
+  inline __m256 operator()(int64_t i, int64_t e) const { return _mm256_loadu_ps(t + i * d + e); }
+};
+template <typename T, int BITS>
+struct CodeKeys {
+  const uint8_t* const* rows;  // cache row of key ja + i; K at +0, V at +off
+  int64_t off;
+  const Dequant<T, BITS>& dq;
+  inline __m256 operator()(int64_t i, int64_t e) const { return dq(rows[i] + off, e); }
+};
+
+// Scores of RB rows (q: RB rows, stride d; the query heads of one position) against keys [ja, jb). With RB <= 4,
+// two keys per pass: 2 x RB independent accumulators keep both FMA pipes busy (one chain per row waits on the
+// FMA latency). Each dot product sums its 8-lane partials in the same order (e = 0, 8, ..) then hsum8, whatever
+// RB, the pass width or the loader, so both loaders and every row blocking give bitwise the same scores.
+template <int RB, typename L>
+inline void scores_block(const float* q, int64_t d, const L& ld, int64_t ja, int64_t jb, float scale,
+                         float softcap, float* sc, int64_t nk, int64_t k0) {
   auto store = [&](int64_t j, __m256 acc, int r) {
     float s = hsum8(acc) * scale;
     if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
     sc[r * nk + (j - k0)] = s;
   };
-  int64_t j = ja;
-  for (; j + NK <= jb; j += NK) {
+  auto pass = [&](int64_t j, auto nk_c) {  // keys j .. j + NK - 1
+    constexpr int NK = decltype(nk_c)::value;
     __m256 acc[NK][RB];
     for (int t = 0; t < NK; ++t)
       for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_setzero_ps();
     for (int64_t e = 0; e < d; e += 8) {
       __m256 kv[NK];
-      for (int t = 0; t < NK; ++t) kv[t] = dq(rows[j - ja + t], e);
+      for (int t = 0; t < NK; ++t) kv[t] = ld(j - ja + t, e);
       for (int r = 0; r < RB; ++r) {
         const __m256 qv = _mm256_loadu_ps(q + r * d + e);
         for (int t = 0; t < NK; ++t) acc[t][r] = _mm256_fmadd_ps(qv, kv[t], acc[t][r]);
@@ -215,47 +147,42 @@ inline void scores_fused(const float* q, int64_t d, const uint8_t* const* rows, 
     }
     for (int t = 0; t < NK; ++t)
       for (int r = 0; r < RB; ++r) store(j + t, acc[t][r], r);
-  }
-  for (; j < jb; ++j) {
-    __m256 acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < d; e += 8) {
-      const __m256 kv = dq(rows[j - ja], e);
-      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * d + e), kv, acc[r]);
-    }
-    for (int r = 0; r < RB; ++r) store(j, acc[r], r);
-  }
+  };
+  constexpr int NK = RB <= 4 ? 2 : 1;  // keys per pass: NK x RB <= 8 accumulators
+  int64_t j = ja;
+  for (; j + NK <= jb; j += NK) pass(j, std::integral_constant<int, NK>{});
+  for (; j < jb; ++j) pass(j, std::integral_constant<int, 1>{});
 }
 
-// One pass of pv_fused over the 8 * NE columns [e, e + 8 NE).
-template <typename T, int BITS, int RB, int NE>
-inline void pv_fused_cols(const float* p, int64_t nk, int64_t k0, const uint8_t* const* rows, int64_t off,
-                          int64_t ja, int64_t jb, const Dequant<T, BITS>& dq, int64_t d, int64_t e, float* o) {
-  __m256 acc[NE][RB];
-  for (int t = 0; t < NE; ++t)
-    for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_loadu_ps(o + r * d + e + 8 * t);
-  for (int64_t j = ja; j < jb; ++j) {
-    __m256 vv[NE];
-    for (int t = 0; t < NE; ++t) vv[t] = dq(rows[j - ja] + off, e + 8 * t);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 pr = _mm256_broadcast_ss(p + r * nk + (j - k0));
-      for (int t = 0; t < NE; ++t) acc[t][r] = _mm256_fmadd_ps(pr, vv[t], acc[t][r]);
+// o[RB rows, stride d] += sum_{j in [ja, jb)} p[r, j] * v_j. With RB <= 4, two 8-lane column blocks per pass
+// (2 x RB independent accumulators). Every output lane sums over j in order, continuing from o (so across key
+// tiles too): bitwise the same result for both loaders and every blocking.
+template <int RB, typename L>
+inline void pv_block(const float* p, int64_t nk, int64_t k0, const L& ld, int64_t ja, int64_t jb, int64_t d,
+                     float* o) {
+  auto pass = [&](int64_t e, auto ne_c) {  // columns [e, e + 8 NE)
+    constexpr int NE = decltype(ne_c)::value;
+    __m256 acc[NE][RB];
+    for (int t = 0; t < NE; ++t)
+      for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_loadu_ps(o + r * d + e + 8 * t);
+    for (int64_t j = ja; j < jb; ++j) {
+      __m256 vv[NE];
+      for (int t = 0; t < NE; ++t) vv[t] = ld(j - ja, e + 8 * t);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * nk + (j - k0));
+        for (int t = 0; t < NE; ++t) acc[t][r] = _mm256_fmadd_ps(pr, vv[t], acc[t][r]);
+      }
     }
-  }
-  for (int t = 0; t < NE; ++t)
-    for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e + 8 * t, acc[t][r]);
-}
-
-template <typename T, int BITS, int RB>
-inline void pv_fused(const float* p, int64_t nk, int64_t k0, const uint8_t* const* rows, int64_t off, int64_t ja,
-                     int64_t jb, const Dequant<T, BITS>& dq, int64_t d, float* o) {
-  constexpr int NE = RB <= 4 ? 2 : 1;  // 8-lane column blocks per pass: NE x RB <= 8 accumulators
+    for (int t = 0; t < NE; ++t)
+      for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e + 8 * t, acc[t][r]);
+  };
+  constexpr int NE = RB <= 4 ? 2 : 1;  // column blocks per pass: NE x RB <= 8 accumulators
   int64_t e = 0;
-  for (; e + 8 * NE <= d; e += 8 * NE) pv_fused_cols<T, BITS, RB, NE>(p, nk, k0, rows, off, ja, jb, dq, d, e, o);
-  for (; e < d; e += 8) pv_fused_cols<T, BITS, RB, 1>(p, nk, k0, rows, off, ja, jb, dq, d, e, o);
+  for (; e + 8 * NE <= d; e += 8 * NE) pass(e, std::integral_constant<int, NE>{});
+  for (; e < d; e += 8) pass(e, std::integral_constant<int, 1>{});
 }
 
-// Calls f(std::integral_constant<int, n>{}) for n in 1..8 (row-block sizes of the fused decode path).
+// Calls f(std::integral_constant<int, n>{}) for n in 1..8 (row-block sizes: the query heads of one kv head).
 template <typename F>
 inline void dispatch_rows(int64_t n, F&& f) {
   switch (n) {
@@ -272,7 +199,7 @@ inline void dispatch_rows(int64_t n, F&& f) {
 
 // One work unit: request r's queries [qa, qb) x the g query heads of kv head h, over the keys [k0, k1) of its
 // visible range (all of it, or one split of a long decode range). Rows r = i * g + gi; the g rows of one query
-// position see the same keys and are processed in blocks of kRB. Writes the UNNORMALISED partial softmax of
+// position see the same keys and are processed in blocks of up to 8. Writes the UNNORMALISED partial softmax of
 // each row: pm[r] = max score (-inf if the row sees no key here), pl[r] = sum exp(s - pm), po[r] = sum
 // exp(s - pm) v (f32, [rows, d]); `combine` merges the splits and divides.
 template <typename T, int BITS>
@@ -321,8 +248,8 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
   // Scores.
   if (fused) {
     fused_tiles([&](int64_t j0, int64_t j1, int64_t g0, auto rb) {
-      scores_fused<T, BITS, decltype(rb)::value>(qf.data() + g0 * d, d, krow, j0, j1, kdq, scale, softcap,
-                                                  sc.data() + g0 * nk, nk, k0);
+      scores_block<decltype(rb)::value>(qf.data() + g0 * d, d, CodeKeys<T, BITS>{krow, 0, kdq}, j0, j1, scale,
+                                         softcap, sc.data() + g0 * nk, nk, k0);
     });
   } else {
     for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
@@ -331,10 +258,12 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
         if (a >= b) continue;
-        for (int64_t g0 = 0; g0 < g; g0 += kRB) {
+        for (int64_t g0 = 0; g0 < g; g0 += 8) {
           const int64_t r = i * g + g0;
-          GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), scores_rows, qf.data() + r * d, d, kv.data(), j0, a, b, scale,
-                         softcap, sc.data() + r * nk, nk, k0)
+          dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
+            scores_block<decltype(rb)::value>(qf.data() + r * d, d, TileKeys{kv.data() + (a - j0) * d, d}, a, b,
+                                              scale, softcap, sc.data() + r * nk, nk, k0);
+          });
         }
       }
     }
@@ -354,7 +283,8 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
   // P @ V.
   if (fused) {
     fused_tiles([&](int64_t j0, int64_t j1, int64_t g0, auto rb) {
-      pv_fused<T, BITS, decltype(rb)::value>(sc.data() + g0 * nk, nk, k0, krow, c.cb, j0, j1, vdq, d, of + g0 * d);
+      pv_block<decltype(rb)::value>(sc.data() + g0 * nk, nk, k0, CodeKeys<T, BITS>{krow, c.cb, vdq}, j0, j1, d,
+                                    of + g0 * d);
     });
   } else {
     for (int64_t j0 = k0; j0 < k1; j0 += kKT) {
@@ -363,10 +293,12 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t a = std::max(j0, lo[i]), b = std::min(j1, hi[i]);
         if (a >= b) continue;
-        for (int64_t g0 = 0; g0 < g; g0 += kRB) {
+        for (int64_t g0 = 0; g0 < g; g0 += 8) {
           const int64_t r = i * g + g0;
-          GM_RB_DISPATCH(std::min<int64_t>(kRB, g - g0), pv_rows, sc.data() + r * nk, nk, k0, kv.data(), j0, a, b, d,
-                         of + r * d)
+          dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
+            pv_block<decltype(rb)::value>(sc.data() + r * nk, nk, k0, TileKeys{kv.data() + (a - j0) * d, d}, a, b, d,
+                                          of + r * d);
+          });
         }
       }
     }
