@@ -8,7 +8,9 @@
 //
 // Cache: uint8 [num_blocks, H, block_size, 2 * cb] (any strides, last dim contiguous); one row per (block, head,
 // token) = the K codes then the V codes. int8: one two's-complement byte per element; int4: two offset-binary
-// nibbles per byte, low nibble = element 2j, high = 2j+1 (cb = D / 2).
+// nibbles per byte, low nibble = element 2j, high = 2j+1 (cb = D / 2). "bits 16" is the unquantized cache (the
+// bf16 comparison switch): the K/V values themselves in the activations' 16-bit dtype (cb = 2 D, scales unused),
+// attended by the same kernels, so the served bf16 cache equals the evaluation reference without KV fake quant.
 //
 // Numerics (the reference's, kernels/kvcache.py), T = the activations' dtype (bf16 / f16 / f32), s_T = T(s):
 //   write:  code = clamp(nearbyint(T(float(x) / float(s_T))), qmin, qmax)            (torch's x / s in T)
@@ -72,7 +74,11 @@ struct Dequant {
     }
   }
   inline __m256 operator()(const uint8_t* row, int64_t e) const {
-    if constexpr (BITS == 8) {
+    if constexpr (BITS == 16) {  // the stored T values (exact in f32); T is bf16 or f16 (checked by the callers)
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * e));
+      if constexpr (std::is_same_v<T, at::Half>) return _mm256_cvtph_ps(h);
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else if constexpr (BITS == 8) {
       const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)));
       return round_to<T>(_mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
     } else {
@@ -328,7 +334,7 @@ inline void combine(const float* pm, const float* pl, const float* po, int64_t n
 Cache cache_view(const at::Tensor& cache, int64_t d, int64_t bits) {
   TORCH_CHECK(cache.dim() == 4 && cache.scalar_type() == at::kByte && cache.stride(3) == 1,
               "kv cache: expected uint8 [num_blocks, H, block_size, 2*cb] with a contiguous last dim");
-  const int64_t cb = bits == 8 ? d : d / 2;
+  const int64_t cb = bits == 16 ? 2 * d : bits == 8 ? d : d / 2;
   TORCH_CHECK(cache.size(3) == 2 * cb, "kv cache rows have ", cache.size(3), " bytes, expected ", 2 * cb,
               " (head_dim ", d, ", int", bits, ")");
   return Cache{cache.data_ptr<uint8_t>(), cache.stride(0), cache.stride(1), cache.stride(2), cache.size(2), cb};
@@ -337,7 +343,10 @@ Cache cache_view(const at::Tensor& cache, int64_t d, int64_t bits) {
 void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& query_start_loc,
                         const at::Tensor& seq_lens, const at::Tensor& block_table, double k_scale, double v_scale,
                         int64_t bits, double scale, int64_t window, double softcap, bool causal, at::Tensor& out) {
-  TORCH_CHECK(bits == 4 || bits == 8, "kv_paged_attention: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 8 || bits == 16, "kv_paged_attention: bits must be 4, 8 or 16, got ", bits);
+  TORCH_CHECK(bits != 16 || query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf,
+              "kv_paged_attention: the unquantized (16-bit) cache needs bf16 or f16 activations, got ",
+              query.scalar_type());
   TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && out.sizes() == query.sizes() && out.stride(2) == 1 &&
                   out.scalar_type() == query.scalar_type(),
               "kv_paged_attention: query/out must be [T, Hq, D] with contiguous D and the same dtype");
@@ -396,7 +405,7 @@ void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const 
         const int64_t q0 = qp[it.r], first = lp[it.r] - (qp[it.r + 1] - q0);
         const int64_t* tb = table.data_ptr<int64_t>() + it.r * table.stride(0);
         float* pu = part.data() + u * ustride;
-        auto f = bits == 8 ? &attend_part<T, 8> : &attend_part<T, 4>;
+        auto f = bits == 16 ? &attend_part<T, 16> : bits == 8 ? &attend_part<T, 8> : &attend_part<T, 4>;
         f(qd + q0 * query.stride(0), query.stride(0), query.stride(1), c, tb, it.h, g, d, first, it.qa, it.qb,
           units[u].k0, units[u].k1, ks, vs, (float)scale, window, (float)softcap, causal, pu, pu + max_rows,
           pu + 2 * max_rows);
@@ -425,7 +434,9 @@ void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const 
 
 void kv_write(at::Tensor& cache, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping,
               double k_scale, double v_scale, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "kv_write: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 8 || bits == 16, "kv_write: bits must be 4, 8 or 16, got ", bits);
+  TORCH_CHECK(bits != 16 || key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kHalf,
+              "kv_write: the unquantized (16-bit) cache needs bf16 or f16 activations, got ", key.scalar_type());
   TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
               "kv_write: key/value must be [T, H, D] of one dtype");
   const int64_t d = key.size(2), h = key.size(1);
@@ -453,7 +464,9 @@ void kv_write(at::Tensor& cache, const at::Tensor& key, const at::Tensor& value,
             const float qv = static_cast<float>(static_cast<T>(static_cast<float>(src[e]) / s));
             return (int)std::min<float>(std::max<float>(std::nearbyint(qv), (float)lo), (float)hi);
           };
-          if (bits == 8)
+          if (bits == 16)
+            std::memcpy(row, src, d * sizeof(T));  // the values themselves (T is 16-bit here)
+          else if (bits == 8)
             for (int64_t e = 0; e < d; ++e) row[e] = static_cast<uint8_t>(static_cast<int8_t>(code(e)));
           else
             for (int64_t e = 0; e < d; e += 2) row[e / 2] = (uint8_t)((code(e) + 8) | ((code(e + 1) + 8) << 4));

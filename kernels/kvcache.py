@@ -15,6 +15,8 @@ each (block, head, token) row holds ``C = 2 * code_bytes(head_dim, bits)`` bytes
 - int8: one int8 code per element (stored as its uint8 bit pattern).
 - int4: two codes per uint8, offset binary (``code + 8`` in 0..15); the LOW nibble is the even element
   along head_dim (element 2j), the HIGH nibble the odd one (2j+1) - the same convention as the weights.
+- ``bits=16`` (``UNQUANTIZED``, the bf16 comparison cache): the bf16 / f16 values themselves (2 bytes each, scales
+  unused), so the served bf16 cache and the reference without KV fake quant run the same attention (CPU only).
 
 Slots: ``slot = block_id * block_size + offset``; a negative slot (padding) is skipped on write.
 """
@@ -30,7 +32,7 @@ ScaleLike = Union[torch.Tensor, float]
 __all__ = [
     "qrange", "code_bytes", "quantize_kv", "dequantize_kv", "fake_quant_kv", "pack_int4", "unpack_int4",
     "encode_kv", "decode_kv", "write_kv_cache", "paged_attention", "gather_kv", "dense_attention",
-    "kv_bytes_per_token",
+    "kv_bytes_per_token", "UNQUANTIZED",
 ]
 
 
@@ -40,13 +42,22 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+UNQUANTIZED = 16  # "bits" of the unquantized page: the K/V values themselves in the 16-bit activation dtype
+
+
 def code_bytes(head_dim: int, bits: int) -> int:
-    """Bytes one head of one token takes for K (or V) in the cache (the cache stores int8 or int4)."""
-    if bits not in (4, 8):
-        raise ValueError(f"the KV cache stores int8 or int4 codes, got int{bits}")
+    """Bytes one head of one token takes for K (or V) in the cache: int8 or int4 codes, or (``bits=16``, the
+    unquantized comparison cache) the bf16 / f16 values themselves."""
+    if bits not in (4, 8, UNQUANTIZED):
+        raise ValueError(f"the KV cache stores int8 or int4 codes (or 16-bit values), got int{bits}")
     if bits == 4 and head_dim % 2:
         raise ValueError(f"int4 KV needs an even head_dim, got {head_dim}")
-    return head_dim if bits == 8 else head_dim // 2
+    return {8: head_dim, 4: head_dim // 2, UNQUANTIZED: 2 * head_dim}[bits]
+
+
+def _check_16bit(dtype: torch.dtype) -> None:
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the unquantized (16-bit) KV page holds bf16 or f16 values, got {dtype}")
 
 
 def _scale_as(scale: ScaleLike, like: torch.Tensor) -> torch.Tensor:
@@ -90,13 +101,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def encode_kv(x: torch.Tensor, scale: ScaleLike, bits: int) -> torch.Tensor:
-    """``x [..., D]`` -> stored bytes (uint8 ``[..., code_bytes(D, bits)]``)."""
+    """``x [..., D]`` -> stored bytes (uint8 ``[..., code_bytes(D, bits)]``; bits 16: x's own bytes)."""
+    if bits == UNQUANTIZED:
+        _check_16bit(x.dtype)
+        return x.contiguous().view(torch.uint8)
     codes = quantize_kv(x, scale, bits)
     return codes.view(torch.uint8) if bits == 8 else pack_int4(codes)
 
 
 def decode_kv(stored: torch.Tensor, scale: ScaleLike, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Stored bytes ``[..., code_bytes]`` -> dequantized values ``[..., D]`` in ``dtype``."""
+    """Stored bytes ``[..., code_bytes]`` -> dequantized values ``[..., D]`` in ``dtype`` (bits 16: the stored
+    values, which are in ``dtype``)."""
+    if bits == UNQUANTIZED:
+        _check_16bit(dtype)
+        return stored.contiguous().view(dtype)
     codes = stored.view(torch.int8) if bits == 8 else unpack_int4(stored)
     return dequantize_kv(codes, scale, dtype)
 
@@ -205,8 +223,8 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def kv_bytes_per_token(num_kv_heads: int, head_dim: int, bits: Optional[int]) -> float:
-    """Cache bytes one token takes in one layer (K and V); ``bits=None`` = bf16."""
+    """Cache bytes one token takes in one layer (K and V); ``bits=None`` = bf16 (as ``bits=16``)."""
     if bits is None:
-        return 2 * num_kv_heads * head_dim * 2
+        bits = UNQUANTIZED
     return 2 * num_kv_heads * code_bytes(head_dim, bits)
 

@@ -80,8 +80,16 @@ def _slots(tables, r, a, b, bs):
     return tables[r, pos // bs] * bs + pos % bs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("bits", [4, 8])
+def _hat(x: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
+    """The K/V values attention reads back: fake quant, or (bits 16, the unquantized page) the values themselves."""
+    return x if bits == kvc.UNQUANTIZED else kvc.fake_quant_kv(x, scale, bits)
+
+
+WRITE_CASES = [(b, t) for b in (4, 8) for t in (torch.bfloat16, torch.float16, torch.float32)] + \
+    [(16, torch.bfloat16), (16, torch.float16)]
+
+
+@pytest.mark.parametrize("bits,dtype", WRITE_CASES)
 def test_write_bitwise_equals_reference(bits, dtype):
     """Random values, exact .5 ties of x/s, values far past the clamp, and a padding slot (-1)."""
     torch.manual_seed(bits)
@@ -97,8 +105,8 @@ def test_write_bitwise_equals_reference(bits, dtype):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits,dtype", [(4, torch.bfloat16), (4, torch.float32), (8, torch.bfloat16),
+                                        (8, torch.float32), (16, torch.bfloat16)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (7, None), (None, 5.0), (5, 3.0)])
 def test_paged_attention_matches_reference(bits, window, softcap, dtype):
     """Mixed batches of chunked prefill and decode over blocks scattered in a shared pool (GQA 2, 2 kv heads);
@@ -118,7 +126,7 @@ def test_paged_attention_matches_reference(bits, window, softcap, dtype):
         ref = kvc.paged_attention(*args, sliding_window=window, softcap=softcap)
         got = cpu_kv.paged_attention(*args, sliding_window=window, softcap=softcap)
         for i, (r, (a, b)) in enumerate(zip(reqs, spans)):
-            kd, vd = kvc.fake_quant_kv(k[r][:b], k_scale, bits), kvc.fake_quant_kv(v[r][:b], v_scale, bits)
+            kd, vd = _hat(k[r][:b], k_scale, bits), _hat(v[r][:b], v_scale, bits)
             bound = _bound(q[r][a:b], kd, vd, scale, window, softcap, torch.arange(a, b))
             g_, r_ = got[qsl[i]:qsl[i + 1]].double(), ref[qsl[i]:qsl[i + 1]].double()
             allowed = bound + _ulp(torch.maximum(g_.abs(), r_.abs()), dtype)
@@ -181,6 +189,16 @@ def test_bad_input_errors():
         cpu_kv.paged_attention(torch.randn(1, 1, 12).bfloat16(), torch.zeros(4, 1, 4, 24, dtype=torch.uint8),
                                torch.tensor([0, 1]), torch.tensor([1]), torch.zeros(1, 1, dtype=torch.long),
                                0.1, 0.1, 8, 0.25)
+    # the unquantized (16-bit) page holds bf16 / f16 values only
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        kvc.write_kv_cache(torch.zeros(4, 1, 4, 64, dtype=torch.uint8), k.float(), k.float(), torch.tensor([0]),
+                           1.0, 1.0, 16)
+    with pytest.raises(RuntimeError, match="bf16 or f16"):
+        cpu_kv.write_kv_cache(torch.zeros(4, 1, 4, 64, dtype=torch.uint8), k.float(), k.float(), torch.tensor([0]),
+                              1.0, 1.0, 16)
+    with pytest.raises(RuntimeError, match="bf16 or f16"):
+        cpu_kv.paged_attention(q.float(), torch.zeros(4, 1, 4, 64, dtype=torch.uint8), torch.tensor([0, 1]),
+                               torch.tensor([1]), torch.zeros(1, 1, dtype=torch.long), 1.0, 1.0, 16, 0.25)
     assert math.isfinite(float(cpu_kv.paged_attention(q, cache, torch.tensor([0, 1]), torch.tensor([1]),
                                                       torch.zeros(1, 1, dtype=torch.long), 0.1, 0.1, 8, 0.25)[0, 0, 0]))
 
@@ -230,13 +248,16 @@ def test_split_decode_matches_reference(bits, window):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("bits,hq,d,window", [(8, 4, 256, 300), (4, 8, 512, None), (8, 3, 136, None), (4, 1, 64, 50)])
+@pytest.mark.parametrize("bits,hq,d,window", [(8, 4, 256, 300), (4, 8, 512, None), (8, 3, 136, None), (4, 1, 64, 50),
+                                              (16, 4, 256, 300)])
 def test_decode_path_bitwise_equals_tiled_path(bits, hq, d, window, dtype):
     """A decoding query (one position per request) runs the fused path (K/V dequantized in registers, several keys
     or column blocks per pass); a prefill's rows run the tiled path (a dequantized tile shared by the rows). Both
     keep every dot product's and every output lane's summation order, so on one thread (no split of the key
     range) the decode output equals the prefill's last row bit for bit - whatever the head count (row blocks
     of 1..8), head dim (incl. one not a multiple of 16) and window."""
+    if bits == kvc.UNQUANTIZED and dtype == torch.float32:
+        pytest.skip("the unquantized page holds 16-bit values (f32 is refused: test_bad_input_errors)")
     torch.manual_seed(hq * d)
     h, bs, n = 1, 16, 700
     cache, tables = _scattered([n], h, d, bits, bs, n // bs + 2, seed=d)

@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--baseline", default=None)
     s.add_argument("--kv-compare", action="store_true",
-                   help="MODEL twice, quantized KV cache vs GEMMA_MOBILE_KV_CACHE=bf16, same engine settings and "
-                        "KV budget (--kv-cache-memory-bytes, default 2 GiB): max concurrent sequences and decode "
-                        "tokens/s per --context and --streams")
+                   help="MODEL twice, quantized KV cache vs a bf16 one as vLLM serves it "
+                        "(GEMMA_MOBILE_KV_CACHE=vllm), same engine settings and KV budget (--kv-cache-memory-bytes, "
+                        "default 2 GiB): max concurrent sequences and decode tokens/s per --context and --streams")
     s.add_argument("--context", type=int, nargs="+", default=None,
                    help="prompt lengths in tokens (--kv-compare; default 2048 8192)")
     s.add_argument("--streams", type=int, nargs="+", default=[1, 16])

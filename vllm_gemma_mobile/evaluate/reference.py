@@ -22,7 +22,9 @@
      kernels (`kernels.plugin.kv_kernels`) over a one-page quantized cache per sequence (f32 fallback with the
      same math for padded batches, cached decoding and QAT); the server in turn runs RoPE and the residual-add
      RMSNorm with this model code's rounding (`vllm_gemma_mobile/vllm/float_ops.py`), so served and evaluated
-     models are bit-identical (eager serving; README "Served vs evaluated").
+     models are bit-identical (eager serving; README "Served vs evaluated"). With the KV fake quant switched off
+     (`kv_fake_quant_enabled(model, False)`), bf16 / f16 attention on CPU runs the same kernels over the
+     unquantized 16-bit page, which is what `GEMMA_MOBILE_KV_CACHE=bf16` serves.
   3. The checkpoint is read once through the contract (`vllm_gemma_mobile.contract.read_contract`, the reader the
      vLLM plugin validates with): every scale (weight/input/output/k/v) must be finite and > 0, bits, shapes and
      KV sharing must agree with the config, else `ContractError` names the tensor or field.
@@ -51,6 +53,7 @@ from typing import Any, Iterator
 
 import torch
 
+from kernels.kvcache import UNQUANTIZED
 from kernels.scales import invalid_scales
 from vllm_gemma_mobile.contract import CheckpointContract, ContractError, read_contract
 
@@ -197,16 +200,22 @@ def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
     spec: KVSpec | None = getattr(module, _KV_ATTR, None)
     out_dtype = query.dtype
-    if spec is not None and not getattr(module, _KV_ATTR + "_served", True):
+    served = getattr(module, _KV_ATTR + "_served", True)
+    if spec is None and served and getattr(module, _KV_ATTR + "_off", None) is not None \
+            and _served_kernels_apply(query, key, attention_mask, kwargs, (torch.bfloat16, torch.float16)) \
+            and query.device.type == "cpu":
+        # KV fake quant off: the served bf16 comparison cache's attention (`GEMMA_MOBILE_KV_CACHE=bf16`: the same
+        # kernels over the unquantized 16-bit page), so served == evaluated holds without KV quantization too
+        return _served_attention(query, key, value, _UNQUANTIZED_SPEC, kwargs), None
+    if spec is not None and not served:
         # numerics="bf16": compressed-tensors' calibration-time semantics (fake quant, the base function in the
         # model dtype), which a calibrated in-memory model reproduces bit for bit
         key = fake_quant_kv(key, spec.k_scale, spec.bits)
         value = fake_quant_kv(value, spec.v_scale, spec.bits)
     elif spec is not None:
         fq = getattr(module, _KV_ATTR + "_fn", fake_quant_kv)
-        if fq is fake_quant_kv and not (torch.is_grad_enabled() and query.requires_grad) \
-                and query.dtype in (torch.bfloat16, torch.float32) and key.shape[2] == query.shape[2] \
-                and _plain_causal(attention_mask, query.shape[0], query.shape[2], kwargs.get("sliding_window")):
+        if fq is fake_quant_kv and _served_kernels_apply(query, key, attention_mask, kwargs,
+                                                         (torch.bfloat16, torch.float32)):
             return _served_attention(query, key, value, spec, kwargs), None
         key = fq(key, spec.k_scale, spec.bits).float()
         value = fq(value, spec.v_scale, spec.bits).float()
@@ -220,6 +229,15 @@ def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         fn = sys.modules[type(module).__module__].eager_attention_forward
     out, weights = fn(module, query, key, value, attention_mask, **kwargs)
     return out.to(out_dtype), weights
+
+
+def _served_kernels_apply(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, kwargs: dict,
+                          dtypes: tuple) -> bool:
+    """Whether `_served_attention` can compute this call: no gradient, a supported dtype, the sequence's own keys
+    (no cache from earlier calls) under a plain causal / sliding-window mask."""
+    return not (torch.is_grad_enabled() and query.requires_grad) and query.dtype in dtypes \
+        and key.shape[2] == query.shape[2] \
+        and _plain_causal(mask, query.shape[0], query.shape[2], kwargs.get("sliding_window"))
 
 
 def _plain_causal(mask: torch.Tensor | None, b: int, t: int, window: int | None) -> bool:
@@ -256,6 +274,9 @@ def _served_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                  spec.k_scale, spec.v_scale, spec.bits, kwargs.get("scaling") or d ** -0.5,
                  sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"), causal=True)
     return out.reshape(b, t, hq, d)
+
+
+_UNQUANTIZED_SPEC = KVSpec(UNQUANTIZED, torch.tensor(1.0), torch.tensor(1.0), -1)  # the 16-bit page: no scales
 
 
 def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -5,7 +5,8 @@ plugin, its KV cache included) from prompt log-probabilities.
 `seq_len - 1` tokens with `<bos>` prepended, at most `max_tokens` scored) and asks vLLM for
 `prompt_logprobs=0`, i.e. log p(token_i | tokens_<i) of every prompt token as the served model computes it;
 NLL = mean over every text token of a window. Runs vLLM in a child process (one engine alive at a time);
-`kv_cache="bf16"` sets GEMMA_MOBILE_KV_CACHE=bf16 for it.
+`kv_cache="bf16"` / `"vllm"` sets GEMMA_MOBILE_KV_CACHE for it (the plugin's attention over an unquantized
+cache, = the reference with KV fake quant off / vLLM's own attention; vllm/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -73,12 +74,11 @@ def _child(model: str, windows_file: str, out: str, max_model_len: int) -> None:
 def served_perplexity(model_dir: str | Path, text: str | Path | None = None, max_tokens: int = 8192,
                       seq_len: int = 512, kv_cache: str = "quantized", timeout: float = 3600) -> dict[str, Any]:
     """{"perplexity", "nll", "tokens", "kv_cache"} of `model_dir` served by vLLM (see module docstring)."""
-    if kv_cache not in ("quantized", "bf16"):
-        raise ValueError(f"kv_cache={kv_cache!r}: expected 'quantized' or 'bf16'")
+    if kv_cache not in ("quantized", "bf16", "vllm"):
+        raise ValueError(f"kv_cache={kv_cache!r}: expected 'quantized', 'bf16' or 'vllm'")
     windows = windows_for(model_dir, text, max_tokens, seq_len)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    if kv_cache == "bf16":
-        env["GEMMA_MOBILE_KV_CACHE"] = "bf16"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               GEMMA_MOBILE_KV_CACHE="" if kv_cache == "quantized" else kv_cache)
     with tempfile.TemporaryDirectory() as td:
         wf, of = Path(td) / "windows.json", Path(td) / "out.json"
         wf.write_text(json.dumps(windows))

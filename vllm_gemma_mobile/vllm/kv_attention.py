@@ -1,4 +1,6 @@
-"""The quantized hybrid KV cache inside vLLM (CPU path): an attention backend per cache width (int8 / int4)
+"""The quantized hybrid KV cache inside vLLM (CPU path): an attention backend per cache width (int8 / int4, and
+16 = the unquantized bf16 / f16 page of the comparison switch `GEMMA_MOBILE_KV_CACHE=bf16`, served by the same
+kernels so that it equals the evaluation reference without KV fake quant)
 whose per-layer KV spec is a byte page (so vLLM really allocates 1 or 0.5 byte per element), which quantizes
 on write and attends over the quantized blocks: on CPU with `kernels/cpu_kv.py` (C++, AVX2; the torch reference
 `kernels/kvcache.py` where the extension cannot be built or `GEMMA_MOBILE_BACKEND=torch`), on CUDA with
@@ -147,6 +149,12 @@ class GemmaMobileKV4Impl(GemmaMobileKVImpl):
     bits = 4
 
 
+class GemmaMobileKV16Impl(GemmaMobileKVImpl):
+    """The unquantized comparison cache (`GEMMA_MOBILE_KV_CACHE=bf16`): bf16 / f16 values, the same kernels."""
+
+    bits = kvc.UNQUANTIZED
+
+
 class _GemmaMobileKVBackend(CPUAttentionBackend):
     """CPU_ATTN's block sizes / layout, our page, metadata and impl. `get_name` stays "CPU_ATTN": vLLM maps
     the name to its enum in places; the class (not the name) keys the attention groups."""
@@ -184,7 +192,13 @@ class GemmaMobileKV4Backend(_GemmaMobileKVBackend):
     impl_cls = GemmaMobileKV4Impl
 
 
-BACKENDS: dict[int, type[_GemmaMobileKVBackend]] = {8: GemmaMobileKV8Backend, 4: GemmaMobileKV4Backend}
+class GemmaMobileKV16Backend(_GemmaMobileKVBackend):
+    bits = kvc.UNQUANTIZED
+    impl_cls = GemmaMobileKV16Impl
+
+
+BACKENDS: dict[int, type[_GemmaMobileKVBackend]] = {8: GemmaMobileKV8Backend, 4: GemmaMobileKV4Backend,
+                                                    kvc.UNQUANTIZED: GemmaMobileKV16Backend}
 _registered = False
 
 
@@ -204,10 +218,18 @@ def register_backends() -> None:
 
 
 def install(layer: torch.nn.Module, bits: int) -> None:
-    """THE HOOK: make vLLM `Attention` layer `layer` use the int`bits` quantized cache (see module docstring).
-    Must run inside `Attention.__init__` (before vLLM asks the layer for its KV spec)."""
+    """THE HOOK: make vLLM `Attention` layer `layer` use the int`bits` quantized cache (bits 16: the unquantized
+    page of the bf16 comparison switch; see module docstring). Must run inside `Attention.__init__` (before vLLM
+    asks the layer for its KV spec)."""
     if bits not in BACKENDS:
         raise ValueError(f"gemma_mobile: KV cache bits {bits} not supported (int8 or int4)")
+    if bits == kvc.UNQUANTIZED:
+        from vllm.config import get_current_vllm_config
+
+        dtype = get_current_vllm_config().model_config.dtype
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"gemma_mobile: the unquantized comparison KV cache holds bf16 / f16 values; the model "
+                             f"runs in {dtype} (use --dtype bfloat16, or GEMMA_MOBILE_KV_CACHE=vllm for vLLM's own)")
     old = layer.impl
     if getattr(old, "alibi_slopes", None) is not None or getattr(old, "sinks", None) is not None:
         raise NotImplementedError(f"gemma_mobile: {layer.layer_name}: ALiBi / sinks with a quantized KV cache")

@@ -5,9 +5,15 @@ int8 for sliding layers, int4 for global ones), with the static per-tensor scale
 `model.layers.i.self_attn.k_scale` / `v_scale`; the attention backend is `kv_attention.py` (CPU only in this
 version: on other platforms the cache stays in the model dtype and the start-up line says so).
 
-Comparison switch: `GEMMA_MOBILE_KV_CACHE=bf16` serves the same checkpoint with vLLM's own unquantized cache
-(model dtype); scales are still loaded and checked. The mode is logged at start-up. `--kv-cache-dtype` must
-stay `auto`: the checkpoint fixes the cache format, so e.g. `--kv-cache-dtype fp8` is a start-up error.
+Comparison switches (scales are still loaded and checked; the mode is logged at start-up):
+- `GEMMA_MOBILE_KV_CACHE=bf16`: an unquantized cache in the model dtype (bf16 / f16), attended by the same
+  kernels as the quantized one (`kv_attention.py`, "bits 16"), so the served model equals the evaluation
+  reference with its KV fake quant off (`reference_perplexity(kv_fake_quant=False)`), as the quantized cache
+  equals it with the fake quant on. CPU only, like the quantized cache.
+- `GEMMA_MOBILE_KV_CACHE=vllm`: vLLM's own attention backend and cache (model dtype) - what vLLM does without
+  this plugin's cache; the baseline of the KV benchmark (`gemma-mobile bench --kv-compare`).
+`--kv-cache-dtype` must stay `auto`: the checkpoint fixes the cache format, so e.g. `--kv-cache-dtype fp8` is a
+start-up error.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ from kernels.scales import invalid_scales
 logger = init_logger("vllm.gemma_mobile.kv_cache")
 
 ENV = "GEMMA_MOBILE_KV_CACHE"
-_MODES = {"": "quantized", "quantized": "quantized", "int": "quantized", "bf16": "bf16"}
+_MODES = {"": "quantized", "quantized": "quantized", "int": "quantized", "bf16": "bf16", "vllm": "vllm"}
 
 
 def kv_cache_mode() -> str:
-    """`quantized` (default) or `bf16` (from $GEMMA_MOBILE_KV_CACHE)."""
+    """`quantized` (default), `bf16` or `vllm` (from $GEMMA_MOBILE_KV_CACHE; see the module docstring)."""
     v = os.environ.get(ENV, "").strip().lower()
     if v not in _MODES:
-        raise ValueError(f"{ENV}={v!r}: expected 'bf16' (unquantized cache, for comparison) or unset")
+        raise ValueError(f"{ENV}={v!r}: expected 'bf16' (unquantized cache, the plugin's attention), 'vllm' "
+                         "(vLLM's own attention and cache) or unset (the checkpoint's quantized cache)")
     return _MODES[v]
 
 
@@ -55,12 +62,16 @@ def describe_kv_mode(layer_bits: list[int | None]) -> str:
     if not bits:
         return "gemma_mobile: checkpoint has no KV bits: KV cache in the model dtype"
     per = ", ".join(f"int{b} x {bits.count(b)} layers" for b in sorted(set(bits), reverse=True))
-    if kv_cache_mode() == "bf16":
-        return (f"gemma_mobile: KV cache in the model dtype ({ENV}=bf16, for comparison); the checkpoint's "
-                f"quantized KV ({per}) is NOT used")
+    mode = kv_cache_mode()
+    if mode == "vllm":
+        return (f"gemma_mobile: KV cache in the model dtype ({ENV}=vllm: vLLM's own attention, for comparison); "
+                f"the checkpoint's quantized KV ({per}) is NOT used")
     if not quantized_cache_supported():
         return (f"gemma_mobile: KV cache in the model dtype: the quantized KV cache ({per}) is CPU-only in this "
                 "version")
+    if mode == "bf16":
+        return (f"gemma_mobile: KV cache in the model dtype ({ENV}=bf16, for comparison: the plugin's attention "
+                f"over an unquantized cache); the checkpoint's quantized KV ({per}) is NOT used")
     return f"gemma_mobile: quantized KV cache active: {per} (static per-tensor k/v scales from the checkpoint)"
 
 
@@ -123,11 +134,12 @@ class GemmaMobileKVCacheMethod(BaseKVCacheMethod):
                 f"gemma_mobile: --kv-cache-dtype {user} contradicts the checkpoint, whose KV cache is int{bits} "
                 f"for {getattr(layer, 'layer_name', 'this layer')} (quantization_config.gemma_mobile.kv_cache); "
                 f"leave --kv-cache-dtype at auto (or set {ENV}=bf16 for an unquantized cache)")
-        if kv_cache_mode() == "quantized" and quantized_cache_supported():
+        mode = kv_cache_mode()
+        if mode != "vllm" and quantized_cache_supported():
             from vllm_gemma_mobile.vllm import kv_attention
 
             kv_attention.register_backends()
-            kv_attention.install(layer, bits)
+            kv_attention.install(layer, bits if mode == "quantized" else kv_attention.kvc.UNQUANTIZED)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         k, v = float(layer.k_scale), float(layer.v_scale)
