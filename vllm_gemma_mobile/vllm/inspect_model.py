@@ -15,11 +15,14 @@ def kept_tensors(model: torch.nn.Module, weight_modules_only: bool = False):
     from kernels.layout import PackedWeight
 
     seen: set[int] = set()
+    alive: list = []  # the objects behind `seen`: a freed temporary (cpu_linear_weights' meta tensors) would let a
+    # later object reuse its id and be skipped as "seen"
 
     def walk(name: str, obj: Any, depth: int = 0):
         if isinstance(obj, torch.Tensor):
             if id(obj) not in seen:
                 seen.add(id(obj))
+                alive.append(obj)
                 yield name, obj
         elif isinstance(obj, PackedWeight):
             yield from walk(name + ".packed", obj.packed, depth + 1)
