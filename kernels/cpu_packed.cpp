@@ -31,8 +31,22 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
+
+// 512-bit integer path for M > 1 (compiled in where the build machine has AVX-512 F / BW / VNNI; see
+// kernels/cpu_packed.py): the AVX2 path spends one 256-bit maddubs (+ an int16 add) per 32 codes per activation row
+// and uses each unpacked weight vector for one activation row at a time, which on CPUs with AVX-512 BF16 makes it
+// slower than oneDNN's bf16 GEMM at M = 16. Here one zmm holds two consecutive kgroup8 groups of a row (64
+// contiguous bytes), `vpdpbusd` adds the four u8 x s8 products of each lane to an int32 accumulator (exact, no int16
+// stage), and a 4 x 4 register tile (weight rows x activation rows) reuses every unpacked weight vector and every
+// activation vector 4 times. Bitwise the same int32 results.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define GM_ZMM 1
+#else
+#define GM_ZMM 0
+#endif
 
 namespace {
 
@@ -268,12 +282,118 @@ void tiled_mm(const X* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, c
   });
 }
 
+#if GM_ZMM
+constexpr int kZR = 4;  // weight rows x activation rows of the 512-bit register tile (16 accumulators of 32)
+
+// Kernel-order activations [m, kp] -> pair order: per group pair h and plane p, 64 bytes = plane p of group 2h,
+// then plane p of group 2h + 1 (zeros past the last group), so one zmm load matches one weight zmm.
+void pair_order(const int8_t* xp, int64_t m, int64_t kp, int fpb, int64_t ng, std::vector<int8_t>& out,
+                int64_t& rowb) {
+  rowb = (ng + 1) / 2 * fpb * 64;
+  out.assign(m * rowb, 0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < ng; ++g)
+      for (int p = 0; p < fpb; ++p)
+        std::memcpy(out.data() + i * rowb + ((g / 2) * fpb + p) * 64 + (g % 2) * 32, xp + i * kp + (g * fpb + p) * 32, 32);
+}
+
+// NR weight rows (w, row stride rb bytes) x MR activation rows (x2: pair order, row stride rowb) -> res[r * MR + i]
+// = sum(u * x) with u the unsigned stored codes (2/4-bit: q + 2^(b-1); 8-bit: the offset-binary byte q + 128).
+template <int BITS, int NR, int MR>
+inline void dot_zmm(const uint8_t* w, int64_t rb, const int8_t* x2, int64_t rowb, int64_t ng, int32_t* res) {
+  constexpr int FPB = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+  __m512i acc[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_si512();
+  auto step = [&](const __m512i* wv, int64_t h) {
+#pragma GCC unroll 4
+    for (int p = 0; p < FPB; ++p) {
+      __m512i u[NR];
+      for (int r = 0; r < NR; ++r)
+        u[r] = BITS == 8 ? wv[r] : _mm512_and_si512(_mm512_srli_epi16(wv[r], p * BITS), mask);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_loadu_si512(x2 + i * rowb + (h * FPB + p) * 64);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], u[r], xv);
+      }
+    }
+  };
+  const int64_t full = ng / 2;
+  __m512i wv[NR];
+  for (int64_t h = 0; h < full; ++h) {
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_loadu_si512(w + r * rb + h * 64);
+    step(wv, h);
+  }
+  if (ng & 1) {  // the last, unpaired group: a 256-bit load (the row ends there); x's upper half is zeros
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(w + r * rb + full * 64)));
+    step(wv, full);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < MR; ++i) res[r * MR + i] = _mm512_reduce_add_epi32(acc[r][i]);
+}
+
+template <int BITS>
+inline void dot_zmm_dispatch(int64_t nr, int64_t mr, const uint8_t* w, int64_t rb, const int8_t* x2, int64_t rowb,
+                             int64_t ng, int32_t* res) {
+  auto go = [&](auto NR_, auto MR_) { dot_zmm<BITS, decltype(NR_)::value, decltype(MR_)::value>(w, rb, x2, rowb, ng, res); };
+  auto with_mr = [&](auto NR_) {
+    switch (mr) {
+      case 1: go(NR_, std::integral_constant<int, 1>{}); break;
+      case 2: go(NR_, std::integral_constant<int, 2>{}); break;
+      case 3: go(NR_, std::integral_constant<int, 3>{}); break;
+      default: go(NR_, std::integral_constant<int, 4>{}); break;
+    }
+  };
+  switch (nr) {
+    case 1: with_mr(std::integral_constant<int, 1>{}); break;
+    case 2: with_mr(std::integral_constant<int, 2>{}); break;
+    case 3: with_mr(std::integral_constant<int, 3>{}); break;
+    default: with_mr(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// M > 1: store(i, r, sum(u * x)) with u as in dot_zmm (8-bit: already corrected by -128 * sum(x), so that the
+// caller's offset handling is the AVX2 path's). Activations blocked like tiled_mm (a block stays in L2).
+template <int BITS, typename Store>
+void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
+                const Store& store) {
+  constexpr int FPB = 8 / BITS;
+  const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
+  std::vector<int8_t> x2;
+  int64_t rowb = 0;
+  pair_order(xp, m, kp, FPB, ng, x2, rowb);
+  const int64_t mb = std::max<int64_t>(kZR, (int64_t)(96 * 1024) / rowb / kZR * kZR);
+  const int64_t tiles = (n + kZR - 1) / kZR;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    int32_t res[kZR * kZR];
+    for (int64_t b0 = 0; b0 < m; b0 += mb) {
+      const int64_t b1 = std::min(m, b0 + mb);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kZR, nr = std::min<int64_t>(kZR, n - n0);
+        for (int64_t i0 = b0; i0 < b1; i0 += kZR) {
+          const int64_t mr = std::min<int64_t>(kZR, b1 - i0);
+          dot_zmm_dispatch<BITS>(nr, mr, w + n0 * rb, rb, x2.data() + i0 * rowb, rowb, ng, res);
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t i = 0; i < mr; ++i)
+              store(i0 + i, n0 + r, BITS == 8 ? res[r * mr + i] - 128 * xsum[i0 + i] : res[r * mr + i]);
+        }
+      }
+    }
+  });
+}
+#endif
+
 // Integer path: exact sum_k x_q * q = sum(u * x) - off * sum(x) (2/4-bit codes are stored as u = q + off).
 template <int BITS, typename Store>
 void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
                  const Store& store) {
   const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
-  tiled_mm<BITS>(xp, m, kp, w, n, [&](int64_t i, int64_t r, int32_t v) { store(i, r, v - off * xsum[i]); });
+  auto st = [&](int64_t i, int64_t r, int32_t v) { store(i, r, v - off * xsum[i]); };
+#if GM_ZMM
+  if (m > 1) return int_mm_zmm<BITS>(xp, m, kp, xsum, w, n, st);
+#endif
+  tiled_mm<BITS>(xp, m, kp, w, n, st);
 }
 
 template <int BITS, typename Store>
@@ -434,9 +554,13 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, in
   return out;
 }
 
+// Which integer path this build runs for M > 1: 1 = the 512-bit VNNI tile (GM_ZMM), 0 = AVX2.
+int64_t packed_zmm() { return GM_ZMM; }
+
 }  // namespace
 
 TORCH_LIBRARY(gemma_mobile, m) {
+  m.def("packed_zmm() -> int", &packed_zmm);  // no tensor arguments: a catch-all kernel
   m.def("packed_int_mm(Tensor xq, Tensor packed, int bits, int k) -> Tensor");
   m.def("packed_float_mm(Tensor x, Tensor packed, int bits, int k) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int bits, int k, Tensor col_scale, Tensor? input_scale, Tensor? bias, "

@@ -1,4 +1,5 @@
-"""CPU kernels that read the packed ``kgroup8`` weights in place (``cpu_packed.cpp``, AVX2 + FMA), as torch ops.
+"""CPU kernels that read the packed ``kgroup8`` weights in place (``cpu_packed.cpp``, AVX2 + FMA; for M > 1 a
+512-bit ``vpdpbusd`` tile where the machine has AVX-512 VNNI, see ``avx512_flags``), as torch ops.
 
 ``int_mm(xq, w)``: exact ``xq[M, K] @ q[N, K]^T`` in int32 from the 2/4/8-bit codes (0.25 / 0.5 / 1 byte per
 weight in memory, no int8 copy). Followed by ``kernels.reference.epilogue`` it is bitwise the reference linear.
@@ -27,6 +28,27 @@ _SRC = Path(__file__).with_name("cpu_packed.cpp")
 _SOURCES = [_SRC, Path(__file__).with_name("cpu_kv.cpp")]  # one extension: packed GEMMs + quantized KV cache
 _NAME = "gemma_mobile_cpu_packed"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def avx512_flags(cpu_flags: set[str] | None = None) -> list[str]:
+    """Compiler flags of the 512-bit VNNI integer path for M > 1 (GM_ZMM in cpu_packed.cpp) on a build machine with
+    AVX-512 F / BW / VNNI; [] elsewhere or with GEMMA_MOBILE_AVX512=0 (the AVX2 path: bitwise the same integers).
+    The extension is built on the machine that runs it; torch rebuilds it when these flags change."""
+    f = _cpu_flags() if cpu_flags is None else cpu_flags
+    if os.environ.get("GEMMA_MOBILE_AVX512", "1").strip() == "0":
+        return []
+    return ["-mavx512f", "-mavx512bw", "-mavx512vnni"] if {"avx512f", "avx512bw", "avx512_vnni"} <= f else []
 _LOCK = threading.Lock()
 _STATUS: tuple[bool, str] | None = None
 
@@ -58,7 +80,8 @@ def status() -> tuple[bool, str]:
 
             d = build_dir()
             d.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name=_NAME, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS + avx512_flags(),
+                               extra_ldflags=["-fopenmp"],
                                build_directory=str(d), is_python_module=False, verbose=False)
             _register_fakes()
             _STATUS = (True, "")
@@ -102,6 +125,12 @@ def require() -> None:
     ok, why = status()
     if not ok:
         raise RuntimeError(f"gemma_mobile packed CPU kernels unavailable: {why}")
+
+
+def isa() -> str:
+    """The integer path the loaded build runs for M > 1: "avx512-vnni" (512-bit vpdpbusd tile) or "avx2"."""
+    require()
+    return "avx512-vnni" if torch.ops.gemma_mobile.packed_zmm() else "avx2"
 
 
 def int_mm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:

@@ -31,15 +31,29 @@ def test_int_mm_exact(bits, m, n, k):
     assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), (x.long() @ q.long().t()).int())
 
 
+def test_avx512_path_where_the_cpu_has_it():
+    """M > 1 runs the 512-bit vpdpbusd tile exactly where the build machine has AVX-512 F / BW / VNNI (the exactness
+    tests here then cover it; on an AVX2-only machine they cover maddubs / madd)."""
+    assert cpu_packed.isa() == ("avx512-vnni" if cpu_packed.avx512_flags() else "avx2")
+    assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw", "avx512_vnni"}) == \
+        ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
+    assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw"}) == []  # no VNNI: the AVX2 path
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_int_mm_extremes_do_not_saturate(bits):
     """|x| = 128 against the most negative / positive codes over a long K: any int16 saturation in the
     maddubs / madd chain (or a wrong offset correction) shows up here."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    q = torch.tensor([[lo] * 4096, [hi] * 4096, [lo, hi] * 2048, [0] * 4096], dtype=torch.int8)
-    for xv in (-128, 127):
-        x = torch.full((2, 4096), xv, dtype=torch.int8)
-        assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), (x.long() @ q.long().t()).int())
+    # up to K = 65536, the largest allowed: the AVX-512 path sums the unsigned codes (8-bit: u = q + 128 <= 255)
+    # before the offset correction, |sum u x| <= 255 * 128 * 65536 = 2139095040 < 2^31 (what the K limit is for)
+    for k in (4096, 65536):
+        q = torch.tensor([[lo] * k, [hi] * k, [lo, hi] * (k // 2), [0] * k, [hi] * k], dtype=torch.int8)
+        for xv in (-128, 127):
+            x = torch.full((6, k), xv, dtype=torch.int8)
+            for m in (1, 2, 6):  # the M == 1 kernel, the M > 1 one (6: a full and a partial 4-row tile)
+                assert torch.equal(cpu_packed.int_mm(x[:m], layout.from_int(q, bits)),
+                                   (x[:m].long() @ q.long().t()).int()), (k, xv, m)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
