@@ -30,7 +30,8 @@ _NAME = "gemma_mobile_cpu_packed"
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -41,14 +42,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def avx512_flags(cpu_flags: set[str] | None = None) -> list[str]:
+def avx512_flags(flags: set[str] | None = None) -> list[str]:
     """Compiler flags of the 512-bit VNNI integer path for M > 1 (GM_ZMM in cpu_packed.cpp) on a build machine with
     AVX-512 F / BW / VNNI; [] elsewhere or with GEMMA_MOBILE_AVX512=0 (the AVX2 path: bitwise the same integers).
     The extension is built on the machine that runs it; torch rebuilds it when these flags change."""
-    f = _cpu_flags() if cpu_flags is None else cpu_flags
+    f = cpu_flags() if flags is None else flags
     if os.environ.get("GEMMA_MOBILE_AVX512", "1").strip() == "0":
         return []
     return ["-mavx512f", "-mavx512bw", "-mavx512vnni"] if {"avx512f", "avx512bw", "avx512_vnni"} <= f else []
+
+
 _LOCK = threading.Lock()
 _STATUS: tuple[bool, str] | None = None
 

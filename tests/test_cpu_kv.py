@@ -247,17 +247,17 @@ def test_split_decode_matches_reference(bits, window):
     assert bool(((got.double() - ref.double()).abs() <= allowed).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("bits,hq,d,window", [(8, 4, 256, 300), (4, 8, 512, None), (8, 3, 136, None), (4, 1, 64, 50),
-                                              (16, 4, 256, 300)])
+DECODE_CASES = [(*c, t) for c in [(8, 4, 256, 300), (4, 8, 512, None), (8, 3, 136, None), (4, 1, 64, 50)]
+                for t in (torch.bfloat16, torch.float32)] + [(16, 4, 256, 300, torch.bfloat16)]  # 16-bit page: bf16/f16
+
+
+@pytest.mark.parametrize("bits,hq,d,window,dtype", DECODE_CASES)
 def test_decode_path_bitwise_equals_tiled_path(bits, hq, d, window, dtype):
     """A decoding query (one position per request) runs the fused path (K/V dequantized in registers, several keys
     or column blocks per pass); a prefill's rows run the tiled path (a dequantized tile shared by the rows). Both
     keep every dot product's and every output lane's summation order, so on one thread (no split of the key
     range) the decode output equals the prefill's last row bit for bit - whatever the head count (row blocks
     of 1..8), head dim (incl. one not a multiple of 16) and window."""
-    if bits == kvc.UNQUANTIZED and dtype == torch.float32:
-        pytest.skip("the unquantized page holds 16-bit values (f32 is refused: test_bad_input_errors)")
     torch.manual_seed(hq * d)
     h, bs, n = 1, 16, 700
     cache, tables = _scattered([n], h, d, bits, bs, n // bs + 2, seed=d)

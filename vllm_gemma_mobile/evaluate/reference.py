@@ -201,9 +201,8 @@ def _kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     spec: KVSpec | None = getattr(module, _KV_ATTR, None)
     out_dtype = query.dtype
     served = getattr(module, _KV_ATTR + "_served", True)
-    if spec is None and served and getattr(module, _KV_ATTR + "_off", None) is not None \
-            and _served_kernels_apply(query, key, attention_mask, kwargs, (torch.bfloat16, torch.float16)) \
-            and query.device.type == "cpu":
+    if spec is None and served and query.device.type == "cpu" and getattr(module, _KV_ATTR + "_off", None) is not None \
+            and _served_kernels_apply(query, key, attention_mask, kwargs, (torch.bfloat16, torch.float16)):
         # KV fake quant off: the served bf16 comparison cache's attention (`GEMMA_MOBILE_KV_CACHE=bf16`: the same
         # kernels over the unquantized 16-bit page), so served == evaluated holds without KV quantization too
         return _served_attention(query, key, value, _UNQUANTIZED_SPEC, kwargs), None

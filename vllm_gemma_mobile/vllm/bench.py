@@ -73,10 +73,11 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-        flags = Path("/proc/cpuinfo").read_text()
-        info["amx"] = "amx_int8" in flags
     except OSError:
         pass
+    from kernels.cpu_packed import cpu_flags
+
+    info["amx"] = "amx_int8" in cpu_flags()
     try:
         import torch
         import vllm

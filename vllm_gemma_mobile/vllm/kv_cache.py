@@ -25,6 +25,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod, KVCacheScaleParameter
 
+from kernels.kvcache import UNQUANTIZED
 from kernels.scales import invalid_scales
 
 # under vLLM's logger tree so INFO lines reach vLLM's handler (a plain module logger only prints warnings)
@@ -139,7 +140,7 @@ class GemmaMobileKVCacheMethod(BaseKVCacheMethod):
             from vllm_gemma_mobile.vllm import kv_attention
 
             kv_attention.register_backends()
-            kv_attention.install(layer, bits if mode == "quantized" else kv_attention.kvc.UNQUANTIZED)
+            kv_attention.install(layer, bits if mode == "quantized" else UNQUANTIZED)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         k, v = float(layer.k_scale), float(layer.v_scale)
