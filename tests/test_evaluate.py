@@ -449,6 +449,24 @@ def test_evaluate_self_and_mobile(tiny_gemma3, mobile3):
     assert mob["model_info"]["kind"] == "mobile" and mob["model_info"]["kv_bits"] == [8, 8, 8, 8, 8, 4]
 
 
+def test_float_table_ablation_puts_the_bf16_table_in_both_roles(tiny_gemma3, mobile3):
+    """`use_float_table` (evaluate(table="bf16")): the embedding gathers the bf16 base rows (times Gemma's
+    normalizer, as in the base) and the lm_head computes exactly `F.linear(h, W_base)` on whatever reaches it;
+    the linears keep their served numerics (the logits still differ from the base's)."""
+    from vllm_gemma_mobile.evaluate.reference import load_reference, use_float_table
+
+    base, _ = load_reference(tiny_gemma3)
+    mob, _ = load_reference(mobile3)
+    ids = torch.tensor([[2, 17, 99, 5, 300, 41]])
+    use_float_table(mob, base)
+    assert torch.equal(mob.get_input_embeddings()(ids), base.get_input_embeddings()(ids))
+    h = torch.randn(1, 6, base.config.hidden_size).to(torch.bfloat16)
+    w = base.get_input_embeddings().weight
+    assert torch.equal(mob.get_output_embeddings()(h), torch.nn.functional.linear(h, w))
+    assert mob.gemma_mobile_reference["table"] == "bf16 (ablation)"
+    assert not torch.equal(mob(ids).logits, base(ids).logits)
+
+
 def test_project_quantize_output_is_a_valid_reference(tiny_gemma3, tmp_path):
     """The project's own pipeline (quantize/run.py: llmcompressor GPTQ + static scales) -> load_reference with
     activation and per-layer KV fake quant -> report and evaluate."""

@@ -98,6 +98,7 @@ def test_real_gemma4_e2b_layout_from_config():
     ("kv_bits", {"full_attention": 2}, "2-bit KV is not supported"),
     ("kv_bits", {"chunked_attention": 8}, "unknown layer type"),
     ("mlp_bits_by_layer", {0: 5}, r"mlp_bits_by_layer\[0\]"),
+    ("attention_bits_by_layer", {1: 3}, r"attention_bits_by_layer\[1\]"),
 ])
 def test_bad_bits_are_rejected(field, value, match):
     with pytest.raises(ValueError, match=match):  # pydantic's ValidationError is a ValueError
@@ -112,6 +113,8 @@ def test_unknown_fields_and_targets_that_match_nothing():
         expand(MobileScheme(keep_8bit=[r"layers\.99\."]), cfg, _names(cfg))
     with pytest.raises(SchemeError, match="layer 40 does not exist"):
         expand(MobileScheme(mlp_bits_by_layer={40: 2}), cfg, _names(cfg))
+    with pytest.raises(SchemeError, match="attention_bits_by_layer: layer 7 does not exist"):
+        expand(MobileScheme(attention_bits_by_layer={7: 8}), cfg, _names(cfg))
     with pytest.raises(SchemeError, match="embed_tokens_per_layer"):
         expand(MobileScheme(ple_bits=4), cfg, _names(cfg))
     with pytest.raises(SchemeError, match="needs a Gemma 4 config"):
@@ -124,4 +127,15 @@ def test_keep_8bit_raises_bits():
     cfg = tiny_gemma3_config()
     e = expand(preset("gemma3", cfg, keep_8bit=[r"layers\.0\.mlp\.down_proj$"]), cfg, _names(cfg))
     assert _bits_of(e, "model.layers.0.mlp.down_proj")[0] == 8
+    assert _bits_of(e, "model.layers.1.mlp.down_proj")[0] == 4
+
+
+def test_attention_bits_by_layer():
+    """Per-layer attention bits (what `--size-budget` chooses): all four projections of that layer, nothing else;
+    string keys from YAML / --set are accepted by the preset."""
+    cfg = tiny_gemma3_config()
+    e = expand(preset("gemma3", cfg, attention_bits_by_layer={"1": 8}), cfg, _names(cfg))
+    for p in "qkvo":
+        assert _bits_of(e, f"model.layers.1.self_attn.{p}_proj")[0] == 8
+        assert _bits_of(e, f"model.layers.0.self_attn.{p}_proj")[0] == 4
     assert _bits_of(e, "model.layers.1.mlp.down_proj")[0] == 4

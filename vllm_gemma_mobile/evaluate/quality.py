@@ -48,19 +48,27 @@ def make_windows(ids: list[int], bos_id: int, max_tokens: int, seq_len: int) -> 
 
 @torch.no_grad()
 def evaluate(model: str | Path, reference: str | Path, text: str | Path | None = None, max_tokens: int = 8192,
-             seq_len: int = 512, device: str = "cpu") -> dict[str, Any]:
+             seq_len: int = 512, device: str = "cpu", table: str = "served") -> dict[str, Any]:
     """Compare `model` with `reference` (directories: bf16 or mobile checkpoints) on `text`.
+
+    `table="bf16"` is an ablation, not a served configuration: the model's quantized table is replaced in both
+    roles by the reference's bf16 table (`reference.use_float_table`), so the figures measure what the REST of
+    the format costs (linears, static activation scales, KV cache).
 
     Returns a JSON-serializable dict: perplexity/NLL of both, greedy agreement (%), mean and max per-token
     KL(reference || model), scored token and window counts, wall time and what was loaded.
     """
     from tqdm.auto import tqdm
 
-    from vllm_gemma_mobile.evaluate.reference import load_reference
+    from vllm_gemma_mobile.evaluate.reference import load_reference, use_float_table
 
+    if table not in ("served", "bf16"):
+        raise ValueError(f"table={table!r}: expected 'served' or 'bf16'")
     t0 = time.perf_counter()
     ref_model, ref_tok = load_reference(reference, device=device)
     mdl, mdl_tok = load_reference(model, device=device)
+    if table == "bf16":
+        use_float_table(mdl, ref_model)
     tok = ref_tok or mdl_tok
     if tok is None:
         raise ValueError(f"neither {reference} nor {model} has a tokenizer")
@@ -107,6 +115,7 @@ def evaluate(model: str | Path, reference: str | Path, text: str | Path | None =
         "greedy_agreement_pct": 100.0 * agree / n,
         "kl_mean": kl_sum / n,
         "kl_max": kl_max,
+        "table": table,
         "model_info": {k: v for k, v in mdl.gemma_mobile_reference.items() if k != "path"},
         "reference_info": {k: v for k, v in ref_model.gemma_mobile_reference.items() if k != "path"},
         "load_s": round(load_s, 2),

@@ -163,6 +163,20 @@ def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract
     return counts
 
 
+def use_float_table(model: torch.nn.Module, base: torch.nn.Module) -> None:
+    """Ablation (`evaluate(..., table="bf16")`): give `model` (a `load_reference` mobile model) the bf16 table of
+    `base` (the bf16 reference) in both roles: the embedding gathers its rows and the tied lm_head is a plain
+    `F.linear` on them, without static int8 scales. Everything else keeps its served numerics."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    w = base.get_input_embeddings().weight
+    if w.shape != emb.weight.shape:
+        raise ValueError(f"table shapes differ: {tuple(w.shape)} vs {tuple(emb.weight.shape)}")
+    emb.weight.data = w.detach().to(emb.weight.dtype).clone()
+    if head is not None:
+        head.forward = lambda x, w=emb.weight: torch.nn.functional.linear(x, w.to(x.dtype))
+    model.gemma_mobile_reference["table"] = "bf16 (ablation)"
+
+
 def _check_scale(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         raise ContractError(f"{name}: missing (the checkpoint must carry it; see docs/checkpoint-format.md)")

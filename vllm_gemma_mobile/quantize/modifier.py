@@ -38,7 +38,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from pydantic import BaseModel, Field, PrivateAttr
 
-from vllm_gemma_mobile.quantize import checkpoint, workarounds
+from vllm_gemma_mobile.quantize import checkpoint, observers, workarounds  # noqa: F401 (observers: static_mse)
 from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
 from vllm_gemma_mobile.scheme import Expanded, MobileScheme, expand, preset
 from vllm_gemma_mobile.scheme.spec import kv_args
@@ -109,7 +109,7 @@ class _MobileSchemeMixin(BaseModel):
             head = state.model.get_output_embeddings()
             if head is None:
                 raise ValueError(f"lm_head_scales={mode!r}: the model has no lm_head")
-            self._lm_head_calibration = LMHeadCalibration(mode, self._mobile_scheme.activation_observer)
+            self._lm_head_calibration = LMHeadCalibration(mode, self._mobile_scheme.lm_head_observer)
             self.register_hook(head, self._lm_head_calibration.hook, "forward")
 
     def _initialize_hooks(self, module: torch.nn.Module):

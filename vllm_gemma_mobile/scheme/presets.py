@@ -23,6 +23,8 @@ def gemma3(config, *, mlp_2bit_layers: list[int] = (), **overrides: Any) -> Mobi
         raise SchemeError(f"preset gemma3 needs a Gemma 3 config, got model_type={model_type!r}")
     by_layer = {int(i): 2 for i in mlp_2bit_layers}
     by_layer.update({int(k): v for k, v in overrides.pop("mlp_bits_by_layer", {}).items()})
+    if "attention_bits_by_layer" in overrides:
+        overrides["attention_bits_by_layer"] = {int(k): v for k, v in overrides["attention_bits_by_layer"].items()}
     fields = dict(name="gemma3", embed_bits=2, attention_bits=4, mlp_bits=4, per_layer_bits=None)
     return MobileScheme(**{**fields, **overrides, "mlp_bits_by_layer": by_layer})
 

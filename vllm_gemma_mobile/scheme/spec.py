@@ -53,6 +53,8 @@ class MobileScheme(BaseModel):
     attention_bits: int = 4
     mlp_bits: int = 4
     mlp_bits_by_layer: dict[int, int] = Field(default_factory=dict, description="per-layer MLP overrides")
+    attention_bits_by_layer: dict[int, int] = Field(default_factory=dict,
+                                                    description="per-layer attention (q/k/v/o) overrides")
     per_layer_bits: int | None = Field(8, description="Gemma 4 per_layer_input_gate / per_layer_projection")
     model_projection_bits: int | None = Field(None, description="Gemma 4 per_layer_model_projection; None keeps it "
                                                                 "float, as Google's checkpoints do (format.md)")
@@ -66,7 +68,13 @@ class MobileScheme(BaseModel):
         description="llmcompressor MSE observer: search clipping ranges down to (1 - maxshrink) x absmax. Its "
                     "default 0.2 is far too narrow for 2-bit: Gemma 3 270M's 2-bit embedding table had 0.74 "
                     "relative error with 0.2 and 0.49 with 0.8 (4-bit: 0.254 -> 0.243)")
-    activation_observer: str = "static_minmax"
+    activation_observer: str = Field(
+        "static_minmax", description="observer of every static activation scale (linear inputs and outputs) and "
+                                     "of the KV cache scales: static_minmax (running range) or static_mse (the "
+                                     "least squared error over all calibration values, quantize/observers.py)")
+    lm_head_observer: str = Field(
+        "static_minmax", description="observer of the tied lm_head's static input / output scales; min/max by "
+                                     "default: an MSE range clips the few large logits that decide the next token")
     lm_head_scales: Literal["both", "input", "none"] | None = Field(
         None, description="static int8 SRQ of the tied lm_head, calibrated by the recipe (quantize/lm_head.py): "
                           "both = input and output (Google's layout), input = int8 activations with float logits, "
@@ -86,11 +94,11 @@ class MobileScheme(BaseModel):
                               "the lm_head stays bf16)")
         return self
 
-    @field_validator("mlp_bits_by_layer")
+    @field_validator("mlp_bits_by_layer", "attention_bits_by_layer")
     @classmethod
-    def _layer_bits(cls, v: dict[int, int]):
+    def _layer_bits(cls, v: dict[int, int], info):
         for layer, bits in v.items():
-            _check_bits(bits, f"mlp_bits_by_layer[{layer}]")
+            _check_bits(bits, f"{info.field_name}[{layer}]")
         return v
 
     @field_validator("kv_bits")
@@ -206,9 +214,10 @@ def expand(scheme: MobileScheme, config, module_names: list[str]) -> Expanded:
     """
     types = layer_types(config)
     n_layers = len(types)
-    for layer in scheme.mlp_bits_by_layer:
-        if not 0 <= layer < n_layers:
-            raise SchemeError(f"mlp_bits_by_layer: layer {layer} does not exist (model has {n_layers} layers)")
+    for field_name in ("mlp_bits_by_layer", "attention_bits_by_layer"):
+        for layer in getattr(scheme, field_name):
+            if not 0 <= layer < n_layers:
+                raise SchemeError(f"{field_name}: layer {layer} does not exist (model has {n_layers} layers)")
     keep = [re.compile(p) for p in scheme.keep_8bit]
     keep_hits = {p.pattern: 0 for p in keep}
 
@@ -220,7 +229,7 @@ def expand(scheme: MobileScheme, config, module_names: list[str]) -> Expanded:
             continue
         kind, layer = kl
         if kind == "attention":
-            bits = scheme.attention_bits
+            bits = scheme.attention_bits_by_layer.get(layer, scheme.attention_bits)
         elif kind == "mlp":
             bits = scheme.mlp_bits_by_layer.get(layer, scheme.mlp_bits)
         elif kind == "per_layer":
