@@ -31,7 +31,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from vllm_gemma_mobile.quantize.run import quantize
 
     path = quantize(a.base, a.recipe, a.out, num_samples=a.num_samples, seq_len=a.seq_len,
-                    overrides=dict(kv.split("=", 1) for kv in a.set), reuse=a.reuse)
+                    overrides=dict(kv.split("=", 1) for kv in a.set), reuse=a.reuse, size_budget=a.size_budget)
     print(path)
 
 
@@ -66,7 +66,8 @@ def _cmd_synth(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     from vllm_gemma_mobile.evaluate.quality import evaluate
 
-    result = evaluate(a.model, reference=a.reference, text=a.text, max_tokens=a.max_tokens, seq_len=a.seq_len)
+    result = evaluate(a.model, reference=a.reference, text=a.text, max_tokens=a.max_tokens, seq_len=a.seq_len,
+                      table=a.table)
     _print_json(result) if a.json else print(result)
 
 
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe option, e.g. --set embed_bits=4")
     s.add_argument("--reuse", action="store_true",
                    help="keep OUT if it was built from the same base, recipe, options and code")
+    s.add_argument("--size-budget", default=None, metavar="BYTES",
+                   help="choose table / attention / MLP bits (2, 4, 8) from measured sensitivity so the checkpoint "
+                        "fits, e.g. 150MB (report: OUT/allocation.json)")
     s.set_defaults(func=_cmd_quantize)
 
     s = sub.add_parser("qat", help="quantization-aware training: distil BASE into the PTQ checkpoint INIT, write OUT")
@@ -155,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default=None, help="text file (default: the built-in Shakespeare evaluation split)")
     s.add_argument("--max-tokens", type=int, default=8192)
     s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--table", choices=["served", "bf16"], default="served",
+                   help="bf16: ablation with the reference's bf16 table in both roles (what the rest costs)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_eval)
 

@@ -197,25 +197,50 @@ def build_key(base: str | Path, recipe: str | Path, kwargs: dict) -> str:
     return h.hexdigest()
 
 
+ALLOCATED = ("embed_bits", "attention_bits_by_layer", "mlp_bits_by_layer")
+
+
 def quantize(base: str | Path, recipe: str | Path, out: str | Path, *, reuse: bool = False,
              num_samples: int | None = None, seq_len: int | None = None, overrides: dict[str, Any] | None = None,
-             dataset: Sequence[Sequence[int]] | None = None, pipeline: str | None = None) -> Path:
+             dataset: Sequence[Sequence[int]] | None = None, pipeline: str | None = None,
+             size_budget: int | str | None = None) -> Path:
     """`gemma-mobile quantize`: one `llmcompressor.oneshot(..., output_dir=...)` call (see `oneshot_kwargs`)
     with RECIPE on BASE, written to OUT; returns OUT.
+
+    `size_budget` (bytes, or a string such as "150MB"): choose the table / attention / MLP bits first
+    (`quantize/allocate.py`: measured sensitivity, exact knapsack), run the recipe with them, and write the
+    allocation report to OUT/allocation.json. The allocated options cannot also be given in `overrides`.
 
     A failure leaves an existing OUT untouched (the run writes OUT.tmp, renamed at the end). With `reuse`, an
     OUT built from the same base, recipe, options and code (build key) is returned as is.
     """
     out = Path(out)
+    budget = None
+    if size_budget is not None:
+        from vllm_gemma_mobile.quantize.allocate import parse_size
+
+        budget = parse_size(size_budget)
+        clash = sorted(set(overrides or {}) & set(ALLOCATED))
+        if clash:
+            raise ValueError(f"--size-budget chooses {clash} itself: do not also set them")
     kwargs = dict(num_samples=num_samples, seq_len=seq_len, overrides=overrides, dataset=dataset, pipeline=pipeline)
-    key = build_key(base, recipe, kwargs)
+    key = build_key(base, recipe, {**kwargs, "size_budget": budget})
     if reuse and (out / BUILD_KEY).exists() and (out / BUILD_KEY).read_text() == key:
         logger.info("%s is up to date (same base, recipe, options and code): reusing it", out)
         return out
     t0 = time.time()
+    allocation = None
+    if budget is not None:
+        from vllm_gemma_mobile.quantize.allocate import allocate
+
+        allocation = allocate(base, budget)
+        kwargs["overrides"] = {**(overrides or {}), **allocation["overrides"]}
     tmp_out = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
     _run_oneshot(base, recipe, output_dir=tmp_out, **kwargs)
+    if allocation is not None:
+        allocation["actual_safetensors_bytes"] = sum(f.stat().st_size for f in tmp_out.glob("*.safetensors"))
+        (tmp_out / "allocation.json").write_text(json.dumps(allocation, indent=1))
     out = _replace(tmp_out, out)
     (out / BUILD_KEY).write_text(key)
     logger.info("saved %s in %.0f s", out, time.time() - t0)

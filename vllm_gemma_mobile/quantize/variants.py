@@ -80,18 +80,25 @@ def _write_variant(ckpt: Path, out: Path, config: dict, new: dict[str, torch.Ten
     return out
 
 
+def weight_qparams(weight: torch.Tensor, bits: int, observer: str = "mse", observer_kwargs: dict | None = None):
+    """(args, scale, zero_point): per-row symmetric `bits` scales of `weight` by llmcompressor's memoryless
+    observer (`mse` / `minmax`), the scale in the weight's dtype - the recipe's round-to-nearest weight rule."""
+    from llmcompressor.observers import Observer
+
+    args = weight_args(bits, observer, observer_kwargs=observer_kwargs)
+    name = {"mse": "memoryless_mse", "minmax": "memoryless_minmax"}.get(observer, observer)
+    qparams = Observer.load_from_registry(name, base_name="weight", args=args)(weight).get_qparams()
+    return args, qparams["scale"].to(weight.dtype), qparams["zero_point"]
+
+
 def quantize_table(weight: torch.Tensor, bits: int, observer: str = "mse",
                    observer_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-row symmetric `bits` quantization of an embedding table with llmcompressor's (memoryless) observer,
     packed like compressed-tensors' pack-quantized format: weight_packed / weight_scale / weight_shape."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization.lifecycle.forward import quantize
-    from llmcompressor.observers import Observer
 
-    args = weight_args(bits, observer, observer_kwargs=observer_kwargs)
-    name = {"mse": "memoryless_mse", "minmax": "memoryless_minmax"}.get(observer, observer)
-    qparams = Observer.load_from_registry(name, base_name="weight", args=args)(weight).get_qparams()
-    scale, zero_point = qparams["scale"].to(weight.dtype), qparams["zero_point"]
+    args, scale, zero_point = weight_qparams(weight, bits, observer, observer_kwargs)
     q = quantize(weight, scale, zero_point, args, dtype=torch.int8)
     return {"weight_packed": pack_to_int32(q, bits), "weight_scale": scale,
             "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
