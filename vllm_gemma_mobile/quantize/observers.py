@@ -9,15 +9,16 @@ int-b scale with the least squared error over every value seen", which is what a
 
 Numerics. The observer keeps a histogram of |x| over all observed values: `NBINS` equal bins on [0, edge], `edge` a
 power of two >= the running absmax (when a value exceeds it, `edge` doubles and pairs of bins merge, so counts are
-never lost or re-estimated). After each observation, for candidate clips `c = r * absmax`, r in
-{0.10, 0.11, ..., 1.00} (91 candidates), with `s = c / q_max` (q_max = 2^(b-1) - 1), the error of bin centre v is
+never lost or re-estimated). After each observation, for candidate ranges `c = r * absmax`, r in
+{0.10, 0.11, ..., 1.00} (91 candidates), the scale is the one compressed-tensors derives from the range -c..c,
+`s = c / (q_max + 1/2)` (`calculate_qparams`: range / ((q_max - q_min) / 2), q_max = 2^(b-1) - 1,
+q_min = -2^(b-1)), and the error of bin centre v is
 
-    (min(round(v / s), q_max) * s - v)^2     (rounded in range, clipped above c)
+    (min(round(v / s), q_max) * s - v)^2     (rounded in range, clipped above q_max * s)
 
-weighted by the bin's count; the candidate with the least total wins (ties: the larger clip). The negative side's
-extra code (-2^(b-1)) is ignored (the error of symmetric values is counted as on the positive side). min_vals /
-max_vals are then -c / c, so `calculate_qparams` gives the usual symmetric scale c / q_max — the same scale
-formula as `static_minmax`, only with a chosen c.
+weighted by the bin's count; the candidate with the least total wins (ties: the larger range). Negative values are
+counted as their mirror image (their extra code -2^(b-1) is ignored). min_vals / max_vals are then -c / c, so the
+checkpoint's scale is exactly the `s` that was scored.
 
 Measured on the real Gemma 3 270M (PTQ checkpoint, 1024 held-out tokens, served numerics, bf16 table to isolate the
 rest; README "Better PTQ"): activations and KV min/max -> MSE ranges: perplexity 145 -> 64 (bf16 28).
@@ -36,15 +37,15 @@ CLIP_RATIOS = torch.linspace(0.10, 1.00, 91, dtype=torch.float64)
 
 
 def mse_clip(hist: torch.Tensor, edge: float, absmax: float, q_max: int) -> float:
-    """The clip `c` (one of CLIP_RATIOS * absmax) with the least squared symmetric-int error over the histogram
-    `hist` of |x| on [0, edge] (module docstring). Deterministic; ties resolve to the larger clip."""
+    """The range `c` (one of CLIP_RATIOS * absmax; scale c / (q_max + 1/2)) with the least squared symmetric-int
+    error over the histogram `hist` of |x| on [0, edge] (module docstring). Deterministic; ties: the larger c."""
     if absmax <= 0.0:
         return 0.0
     n = hist.numel()
     centres = (torch.arange(n, dtype=torch.float64) + 0.5) * (edge / n)
     counts = hist.to(torch.float64)
     clips = CLIP_RATIOS * absmax
-    s = (clips / q_max)[:, None]                                        # [C, 1]
+    s = (clips / (q_max + 0.5))[:, None]                                # [C, 1]: compressed-tensors' scale
     q = torch.clamp(torch.round(centres[None, :] / s), max=q_max) * s   # [C, NBINS]
     err = ((q - centres[None, :]) ** 2 * counts[None, :]).sum(1)
     # the last minimum (largest clip) among equal errors
