@@ -197,7 +197,8 @@ def build_key(base: str | Path, recipe: str | Path, kwargs: dict) -> str:
     return h.hexdigest()
 
 
-ALLOCATED = ("embed_bits", "attention_bits_by_layer", "mlp_bits_by_layer")
+# chosen by --size-budget (keep_8bit / mlp_2bit_layers would change bits behind the allocation's back)
+ALLOCATED = ("embed_bits", "attention_bits_by_layer", "mlp_bits_by_layer", "keep_8bit", "mlp_2bit_layers")
 
 
 def quantize(base: str | Path, recipe: str | Path, out: str | Path, *, reuse: bool = False,
@@ -233,7 +234,12 @@ def quantize(base: str | Path, recipe: str | Path, out: str | Path, *, reuse: bo
     if budget is not None:
         from vllm_gemma_mobile.quantize.allocate import allocate
 
-        allocation = allocate(base, budget)
+        from vllm_gemma_mobile.scheme.spec import MobileScheme
+
+        wkw = (overrides or {}).get("weight_observer_kwargs")  # the recipe's weight quantizer, as --set gives it
+        wkw = _parse_value(wkw) if isinstance(wkw, str) else wkw or \
+            MobileScheme.model_fields["weight_observer_kwargs"].get_default(call_default_factory=True)
+        allocation = allocate(base, budget, observer_kwargs=wkw)
         kwargs["overrides"] = {**(overrides or {}), **allocation["overrides"]}
     tmp_out = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp_out, ignore_errors=True)
