@@ -297,7 +297,22 @@ void pair_order(const int8_t* xp, int64_t m, int64_t kp, int fpb, int64_t ng, st
         std::memcpy(out.data() + i * rowb + ((g / 2) * fpb + p) * 64 + (g % 2) * 32, xp + i * kp + (g * fpb + p) * 32, 32);
 }
 
-// NR weight rows (w, row stride rb bytes) x MR activation rows (x2: pair order, row stride rowb) -> res[r * MR + i]
+// 16 int32 vectors -> one: lane L = the sum of a[L]'s 16 lanes (a transpose-and-add tree: 45 instructions where
+// 16 _mm512_reduce_add_epi32 take ~9 each; integer sums, so any order gives the same result).
+inline __m512i reduce16(const __m512i* a) {
+  __m512i p[8], q[4];
+  for (int j = 0; j < 8; ++j)  // per 128-bit chunk: [a0+a2, b0+b2, a1+a3, b1+b3] of a = a[2j], b = a[2j+1]
+    p[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * j], a[2 * j + 1]), _mm512_unpackhi_epi32(a[2 * j], a[2 * j + 1]));
+  for (int j = 0; j < 4; ++j)  // per chunk: the chunk's partial sums of a[4j .. 4j+3]
+    q[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * j], p[2 * j + 1]), _mm512_unpackhi_epi64(p[2 * j], p[2 * j + 1]));
+  auto fold = [](__m512i x, __m512i y) {  // chunks [x0+x1, x2+x3, y0+y1, y2+y3]
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  };
+  return fold(fold(q[0], q[1]), fold(q[2], q[3]));  // chunk j = the totals of a[4j .. 4j+3]
+}
+
+// NR weight rows (w, row stride rb bytes) x MR activation rows (x2: pair order, row stride rowb) -> res[i * NR + r]
 // = sum(u * x) with u the unsigned stored codes (2/4-bit: q + 2^(b-1); 8-bit: the offset-binary byte q + 128).
 template <int BITS, int NR, int MR>
 inline void dot_zmm(const uint8_t* w, int64_t rb, const int8_t* x2, int64_t rowb, int64_t ng, int32_t* res) {
@@ -329,8 +344,15 @@ inline void dot_zmm(const uint8_t* w, int64_t rb, const int8_t* x2, int64_t rowb
       wv[r] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(w + r * rb + full * 64)));
     step(wv, full);
   }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) res[r * MR + i] = _mm512_reduce_add_epi32(acc[r][i]);
+  if constexpr (NR == kZR && MR == kZR) {
+    __m512i a[16];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MR; ++i) a[i * 4 + r] = acc[r][i];
+    _mm512_storeu_si512(res, reduce16(a));
+  } else {
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MR; ++i) res[i * NR + r] = _mm512_reduce_add_epi32(acc[r][i]);
+  }
 }
 
 template <int BITS>
@@ -355,9 +377,9 @@ inline void dot_zmm_dispatch(int64_t nr, int64_t mr, const uint8_t* w, int64_t r
 
 // M > 1: store(i, r, sum(u * x)) with u as in dot_zmm (8-bit: already corrected by -128 * sum(x), so that the
 // caller's offset handling is the AVX2 path's). Activations blocked like tiled_mm (a block stays in L2).
-template <int BITS, typename Store>
+template <int BITS, typename Store, typename Tile>
 void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
-                const Store& store) {
+                const Store& store, const Tile& tile) {
   constexpr int FPB = 8 / BITS;
   const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS);
   std::vector<int8_t> x2;
@@ -366,7 +388,8 @@ void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, co
   const int64_t mb = std::max<int64_t>(kZR, (int64_t)(96 * 1024) / rowb / kZR * kZR);
   const int64_t tiles = (n + kZR - 1) / kZR;
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    int32_t res[kZR * kZR];
+    alignas(64) int32_t res[kZR * kZR];
+    constexpr int32_t kOff = BITS == 8 ? 128 : (1 << (BITS - 1));  // sum(q * x) = sum(u * x) - kOff * sum(x)
     for (int64_t b0 = 0; b0 < m; b0 += mb) {
       const int64_t b1 = std::min(m, b0 + mb);
       for (int64_t t = t0; t < t1; ++t) {
@@ -374,9 +397,15 @@ void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, co
         for (int64_t i0 = b0; i0 < b1; i0 += kZR) {
           const int64_t mr = std::min<int64_t>(kZR, b1 - i0);
           dot_zmm_dispatch<BITS>(nr, mr, w + n0 * rb, rb, x2.data() + i0 * rowb, rowb, ng, res);
-          for (int64_t r = 0; r < nr; ++r)
-            for (int64_t i = 0; i < mr; ++i)
-              store(i0 + i, n0 + r, BITS == 8 ? res[r * mr + i] - 128 * xsum[i0 + i] : res[r * mr + i]);
+          if (nr == kZR && mr == kZR) {
+            const __m512i xs = _mm512_permutexvar_epi32(  // lane i*4 + r: xsum[i0 + i]
+                _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(xsum + i0))));
+            tile(i0, n0, _mm512_sub_epi32(_mm512_load_si512(res), _mm512_mullo_epi32(xs, _mm512_set1_epi32(kOff))));
+            continue;
+          }
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t r = 0; r < nr; ++r) store(i0 + i, n0 + r, res[i * nr + r] - kOff * xsum[i0 + i]);
         }
       }
     }
@@ -385,15 +414,34 @@ void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, co
 #endif
 
 // Integer path: exact sum_k x_q * q = sum(u * x) - off * sum(x) (2/4-bit codes are stored as u = q + off).
-template <int BITS, typename Store>
+template <int BITS, typename Store, typename Tile>
 void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
-                 const Store& store) {
+                 const Store& store, const Tile& tile) {
   const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
   auto st = [&](int64_t i, int64_t r, int32_t v) { store(i, r, v - off * xsum[i]); };
 #if GM_ZMM
-  if (m > 1) return int_mm_zmm<BITS>(xp, m, kp, xsum, w, n, st);
+  if (m > 1) return int_mm_zmm<BITS>(xp, m, kp, xsum, w, n, store, tile);
 #endif
+  (void)tile;
   tiled_mm<BITS>(xp, m, kp, w, n, st);
+}
+
+// `tile(i0, n0, v)` (512-bit builds, M > 1): a full 4 x 4 tile of exact sums, lane i*4 + r = row i0 + i, column
+// n0 + r (`scalar_tile` by default: through `store`).
+template <int BITS, typename Store>
+void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
+                 const Store& store) {
+#if GM_ZMM
+  auto tile = [&](int64_t i0, int64_t n0, __m512i v) {
+    alignas(64) int32_t t[16];
+    _mm512_store_si512(t, v);
+    for (int i = 0; i < 4; ++i)
+      for (int r = 0; r < 4; ++r) store(i0 + i, n0 + r, t[i * 4 + r]);
+  };
+  int_mm_impl<BITS>(xp, m, kp, xsum, w, n, store, tile);
+#else
+  int_mm_impl<BITS>(xp, m, kp, xsum, w, n, store, 0);
+#endif
 }
 
 template <int BITS, typename Store>
@@ -472,6 +520,48 @@ at::Tensor packed_float_mm(const at::Tensor& x_in, const at::Tensor& packed_in, 
 template <typename T>
 inline T cast_out(float v) { return static_cast<T>(v); }
 
+#if GM_ZMM
+// `epi` of packed_linear on a full 4 x 4 tile (v: exact sums, lane i*4 + r = out[i0 + i, n0 + r]), lane for lane the
+// same IEEE operations in the same order (no FMA: -ffp-contract=off), so bitwise the scalar epilogue's results;
+// bf16 / f16 outputs rounded to nearest even like c10's casts (finite values).
+template <typename T>
+inline void epi_tile(T* o, int64_t n, int64_t i0, int64_t n0, __m512i v, const float* cs, const float* bias,
+                     const float* os, int64_t os_stride) {
+  auto cols = [&](const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p + n0)); };  // lane -> p[n0 + r]
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), cols(cs));
+  if (bias) y = _mm512_add_ps(y, cols(bias));
+  __m512 t = y;
+  if (os) {
+    const __m512 s = os_stride ? cols(os) : _mm512_set1_ps(os[0]);
+    t = _mm512_roundscale_ps(_mm512_div_ps(y, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-128.0f));
+    y = _mm512_mul_ps(t, s);
+  }
+  if constexpr (std::is_same_v<T, int8_t>) {
+    alignas(16) int8_t b[16];
+    _mm_store_si128((__m128i*)b, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+    for (int i = 0; i < 4; ++i) std::memcpy(o + (i0 + i) * n + n0, b + 4 * i, 4);
+  } else if constexpr (std::is_same_v<T, float>) {
+    alignas(64) float b[16];
+    _mm512_store_ps(b, y);
+    for (int i = 0; i < 4; ++i) std::memcpy(o + (i0 + i) * n + n0, b + 4 * i, 16);
+  } else {
+    __m256i h;
+    if constexpr (std::is_same_v<T, at::Half>) {
+      h = _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  // bf16: round half to even on the f32 bits
+      const __m512i bits = _mm512_castps_si512(y);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+          _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16));
+    }
+    alignas(32) uint16_t b[16];
+    _mm256_store_si256((__m256i*)b, h);
+    for (int i = 0; i < 4; ++i) std::memcpy(o + (i0 + i) * n + n0, b + 4 * i, 8);
+  }
+}
+#endif
+
 at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t bits, int64_t k,
                          const at::Tensor& col_scale_in, const c10::optional<at::Tensor>& input_scale_in,
                          const c10::optional<at::Tensor>& bias_in,
@@ -517,16 +607,31 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, in
       const float sx = input_scale_in->to(at::kFloat).item<float>();
       std::vector<int8_t> xq(m * k);
       const float* xs = xf.data_ptr<float>();
-      for (int64_t j = 0; j < m * k; ++j) {
+      int64_t j0 = 0;
+#if GM_ZMM
+      // the same IEEE division, round-half-even and clamp, 16 lanes at a time
+      for (const __m512 vs = _mm512_set1_ps(sx); j0 + 16 <= m * k; j0 += 16) {
+        __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xs + j0), vs),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        t = _mm512_max_ps(_mm512_min_ps(t, _mm512_set1_ps(127.0f)), _mm512_set1_ps(-128.0f));
+        _mm_storeu_si128((__m128i*)(xq.data() + j0), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+      }
+#endif
+      for (int64_t j = j0; j < m * k; ++j) {
         float t = std::nearbyint(xs[j] / sx);
         xq[j] = static_cast<int8_t>(t < -128.0f ? -128.0f : (t > 127.0f ? 127.0f : t));
       }
       std::vector<int8_t> xp;
       std::vector<int32_t> xsum;
       prepare_int(xq.data(), m, k, kp, (int)bits, xp, xsum);
+      auto store = [&](int64_t i, int64_t r, int32_t v) { epi(i, r, static_cast<float>(v)); };
       dispatch_bits(bits, [&](auto B) {
-        int_mm_impl<B.value>(xp.data(), m, kp, xsum.data(), w, n,
-                             [&](int64_t i, int64_t r, int32_t v) { epi(i, r, static_cast<float>(v)); });
+#if GM_ZMM
+        int_mm_impl<B.value>(xp.data(), m, kp, xsum.data(), w, n, store,
+                             [&](int64_t i0, int64_t n0, __m512i v) { epi_tile<T>(o, n, i0, n0, v, csp, bp, sp, sstride); });
+#else
+        int_mm_impl<B.value>(xp.data(), m, kp, xsum.data(), w, n, store);
+#endif
       });
     } else {
       std::vector<float> xp(m * kp, 0.0f);
