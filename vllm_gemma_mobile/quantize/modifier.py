@@ -15,8 +15,11 @@ as `gemma-mobile quantize` (which is a thin wrapper around that call):
   choice, see workarounds.mobile_pipeline_choice);
 * calibration: output hooks observe only (workarounds.observe_only_output_calibration);
 * calibration: a forward hook on the lm_head collects its inputs (`lm_head_scales`, quantize/lm_head.py);
+* calibration: with `kv_ranges: attention_output`, query / key / value hooks keep q, k, v of the first calibration
+  tokens of every KV-quantized layer (quantize/kv_ranges.py);
 * end: scales of modules outside the sequential layers (workarounds.finish_calibration_outside_layers), then
-  the tied lm_head's static input / output scales on the now-quantized table (`gemma_mobile.lm_head`);
+  the tied lm_head's static input / output scales on the now-quantized table (`gemma_mobile.lm_head`), then the
+  KV scales rescaled by the attention-output search (`kv_ranges`);
 * finalize: checkpoint.finalize — KV scales only where a layer owns a cache, every scale checked, lm_head
   re-tied, and a save hook that writes our `gemma_mobile` metadata and drops the dense lm_head copy.
 
@@ -39,6 +42,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from pydantic import BaseModel, Field, PrivateAttr
 
 from vllm_gemma_mobile.quantize import checkpoint, observers, workarounds  # noqa: F401 (observers: static_mse)
+from vllm_gemma_mobile.quantize.kv_ranges import KVRangeSearch
 from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
 from vllm_gemma_mobile.scheme import Expanded, MobileScheme, expand, preset
 from vllm_gemma_mobile.scheme.spec import kv_args
@@ -62,6 +66,8 @@ class _MobileSchemeMixin(BaseModel):
     _mobile_pipelines: Any = PrivateAttr(None)
     _lm_head_calibration: Any = PrivateAttr(None)
     _lm_head_scales: Any = PrivateAttr(None)
+    _kv_range_search: Any = PrivateAttr(None)
+    _kv_ranges: Any = PrivateAttr(None)
 
     def _setup_mobile(self, model: torch.nn.Module) -> None:
         scheme = preset(self.preset, model.config, **dict(self.options))
@@ -111,6 +117,11 @@ class _MobileSchemeMixin(BaseModel):
                 raise ValueError(f"lm_head_scales={mode!r}: the model has no lm_head")
             self._lm_head_calibration = LMHeadCalibration(mode, self._mobile_scheme.lm_head_observer)
             self.register_hook(head, self._lm_head_calibration.hook, "forward")
+        self._kv_range_search = None
+        if self._mobile_scheme.kv_ranges == "attention_output" and self.kv_cache_scheme is not None:
+            self._kv_range_search = KVRangeSearch(self._mobile_scheme.kv_range_tokens)
+            n = self._kv_range_search.attach(self, state.model)
+            logger.info("kv_ranges=attention_output: capturing q/k/v of %d attention layers", n)
 
     def _initialize_hooks(self, module: torch.nn.Module):
         with workarounds.observe_only_output_calibration():
@@ -134,6 +145,9 @@ class _MobileSchemeMixin(BaseModel):
             name = next(n for n, m in model.named_modules() if m is table)
             self._lm_head_scales = self._lm_head_calibration.finish(table, name)
             self._lm_head_calibration = None
+        if self._kv_range_search is not None:
+            self._kv_ranges = self._kv_range_search.finish(model)
+            self._kv_range_search = None
 
     @property
     def mobile_pipelines(self) -> tuple[str, tuple[str, ...]] | None:

@@ -75,6 +75,10 @@ class MobileScheme(BaseModel):
     lm_head_observer: str = Field(
         "static_minmax", description="observer of the tied lm_head's static input / output scales; min/max by "
                                      "default: an MSE range clips the few large logits that decide the next token")
+    kv_ranges: Literal["observer", "attention_output"] = Field(
+        "observer", description="KV cache scales: the activation observer's, or those scaled by the ratio (0.25..1.50)"
+                                " with the least error at each attention layer's output (quantize/kv_ranges.py)")
+    kv_range_tokens: int = Field(2048, gt=0, description="calibration tokens per layer the kv_ranges search uses")
     lm_head_scales: Literal["both", "input", "none"] | None = Field(
         None, description="static int8 SRQ of the tied lm_head, calibrated by the recipe (quantize/lm_head.py): "
                           "both = input and output (Google's layout), input = int8 activations with float logits, "
