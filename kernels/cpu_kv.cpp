@@ -20,7 +20,8 @@
 //   e_ij = exp(s_ij - max_j s_ij), o_i = (sum_j e_ij v_hat_j) / (sum_j e_ij) in f32 (a fully masked row gives
 //   zeros), stored as T. A long decode range may be split over threads (ranges of >= 256 keys, flash-decoding):
 //   each split's max / sum / sum e v are merged with the factors exp(max_s - max) before the one division.
-// Exact up to f32 summation order (the dot products and sums are 8-lane partial sums here, torch's BLAS order
+// Exact up to f32 summation order (the dot products and sums are 8-lane partial sums here - 16-lane in AVX-512
+// builds for head_dim % 16 == 0, `kv_zmm` switches that off at run time - torch's BLAS order
 // in the reference) and std::exp / std::tanh vs torch's vectorised ones (a few ulp): the tests bound both.
 #include <immintrin.h>
 
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,58 +41,163 @@
 
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+// The vector width the kernels below are written against: Y8 (AVX2, 8 f32 lanes) everywhere; Z16 (AVX-512, 16
+// lanes) in builds for a CPU with AVX-512 F / BW (kernels/cpu_packed.py) when head_dim % 16 == 0. The numerics are the
+// same formulas lane for lane; only the f32 summation order of the dot products differs (W-lane partial sums).
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KV_ZMM 1
+#else
+#define KV_ZMM 0
+#endif
 
-// Round 8 floats to the nearest T value (ties to even) and back to float.
-template <typename T>
-inline __m256 round_to(__m256 v) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    __m256i b = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));  // finite inputs only
-    return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)));
-  } else if constexpr (std::is_same_v<T, at::Half>) {
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else {
-    return v;
+// Round float lanes to the nearest T value (ties to even) and back to float: bf16 on the bits (finite inputs only),
+// f16 through the hardware conversion, f32 unchanged.
+struct Y8 {
+  using F = __m256;
+  static constexpr int W = 8;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
   }
-}
-
-// Dequantizer of one scale: 8 codes starting at element e of a row (int8: 8 bytes; int4: 4 bytes) ->
-// float(T(code * s)). int4 has 16 codes, so their 16 values are computed once with that same formula and looked
-// up (two in-register tables, selected by the nibble's top bit): bitwise the formula, 4 fewer ops per 8 values.
-template <typename T, int BITS>
-struct Dequant {
-  __m256 s, lo, hi;
-  explicit Dequant(float scale) : s(_mm256_set1_ps(scale)) {
-    if constexpr (BITS == 4) {
-      lo = round_to<T>(_mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), s));  // nibbles 0..7
-      hi = round_to<T>(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), s));          // nibbles 8..15
+  template <typename T>
+  static F round_to(F v) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      __m256i b = _mm256_castps_si256(v);
+      __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+      b = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+      return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32((int)0xFFFF0000u)));
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      return v;
     }
   }
-  inline __m256 operator()(const uint8_t* row, int64_t e) const {
-    if constexpr (BITS == 16) {  // the stored T values (exact in f32); T is bf16 or f16 (checked by the callers)
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * e));
-      if constexpr (std::is_same_v<T, at::Half>) return _mm256_cvtph_ps(h);
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    } else if constexpr (BITS == 8) {
-      const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + e)));
-      return round_to<T>(_mm256_mul_ps(_mm256_cvtepi32_ps(c), s));
-    } else {
+  static F from_bf16(const uint8_t* p) {  // 8 stored bf16 / f16 values, exact in f32
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static F from_f16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static F int8_codes(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  }
+  // int4: the 16 values float(T((n - 8) * s)) of nibbles n = 0..15 as two 8-lane tables; lane i of the result =
+  // the value of nibble i of the 4 bytes at p (element i, little endian).
+  struct Int4Table {
+    F lo, hi;
+    template <typename T>
+    void init(float s) {
+      const F sv = set1(s);
+      lo = round_to<T>(_mm256_mul_ps(_mm256_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1), sv));
+      hi = round_to<T>(_mm256_mul_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), sv));
+    }
+    F operator()(const uint8_t* p) const {
       int32_t word;
-      std::memcpy(&word, row + e / 2, 4);
-      const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);  // nibble i = element i (little endian)
-      const __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(word), sh);  // nibble in bits 0..3 (higher bits junk)
+      std::memcpy(&word, p, 4);
+      const __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
       const __m256 top = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28));  // sign bit = the nibble's bit 3
       return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, nib), _mm256_permutevar8x32_ps(hi, nib), top);
     }
+  };
+};
+
+#if KV_ZMM
+struct Z16 {
+  using F = __m512;
+  static constexpr int W = 16;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static float hsum(F v) {  // halves folded: 16 -> 8 -> Y8's order
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return Y8::hsum(h);
+  }
+  template <typename T>
+  static F round_to(F v) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      __m512i b = _mm512_castps_si512(v);
+      __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+      b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+      return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000u)));
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      return v;
+    }
+  }
+  static F from_bf16(const uint8_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static F from_f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static F int8_codes(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  }
+  // int4: one 16-lane table indexed by the nibble (vpermps reads the index's low 4 bits only).
+  struct Int4Table {
+    F t;
+    template <typename T>
+    void init(float s) {
+      t = round_to<T>(_mm512_mul_ps(_mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7), set1(s)));
+    }
+    F operator()(const uint8_t* p) const {  // 8 bytes: byte j = elements 2j (low nibble), 2j + 1 (high)
+      const __m128i b = _mm_loadl_epi64((const __m128i*)p);
+      const __m128i bytes = _mm_unpacklo_epi8(b, _mm_srli_epi16(b, 4));  // element i's nibble in byte i's low bits
+      return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(bytes), t);
+    }
+  };
+};
+#endif
+
+// Dequantizer of one scale: W codes starting at element e of a row -> float(T(code * s)). int4 looks its 16 possible
+// values up in a table computed with that same formula (bitwise the formula, fewer ops per value).
+template <typename T, int BITS, typename V>
+struct Dequant {
+  using F = typename V::F;
+  F s;
+  typename V::Int4Table tab;
+  explicit Dequant(float scale) : s(V::set1(scale)) {
+    if constexpr (BITS == 4) tab.template init<T>(scale);
+  }
+  inline F operator()(const uint8_t* row, int64_t e) const {
+    if constexpr (BITS == 16) {  // the stored T values (exact in f32); T is bf16 or f16 (checked by the callers)
+      if constexpr (std::is_same_v<T, at::Half>) return V::from_f16(row + 2 * e);
+      return V::from_bf16(row + 2 * e);
+    } else if constexpr (BITS == 8) {
+      return V::template round_to<T>(V::mul(V::int8_codes(row + e), s));
+    } else {
+      return tab(row + e / 2);
+    }
   }
 };
+
+// Run-time switch of the 16-lane kernels (op `kv_zmm`: tests and same-process benchmarks of both widths).
+std::atomic<bool> g_kv_zmm{true};
+inline bool kv_zmm_enabled() { return g_kv_zmm.load(std::memory_order_relaxed); }
+
+// kv_zmm(enable): -1 = only report; returns whether the 16-lane kernels were in use before (0 / 1), or -1 where the
+// build has none.
+int64_t kv_zmm(int64_t enable) {
+#if KV_ZMM
+  const bool was = g_kv_zmm.load();
+  if (enable >= 0) g_kv_zmm.store(enable != 0);
+  return was ? 1 : 0;
+#else
+  (void)enable;
+  return -1;
+#endif
+}
 
 struct Cache {
   const uint8_t* base;
@@ -113,42 +220,44 @@ inline std::pair<int64_t, int64_t> tile_keys(int64_t first_pos, int64_t qa, int6
 // Where a key's values come from: ld(i, e) = the 8 values at elements [e, e + 8) of key ja + i, as f32.
 // TileKeys: a dequantized f32 tile (prefill / chunks: shared by several query positions). CodeKeys: the cache
 // rows themselves, dequantized in registers (decode: one position, so no tile buffer is worth writing).
+template <typename V>
 struct TileKeys {
   const float* t;  // row of key ja
   int64_t d;
-  inline __m256 operator()(int64_t i, int64_t e) const { return _mm256_loadu_ps(t + i * d + e); }
+  inline typename V::F operator()(int64_t i, int64_t e) const { return V::load(t + i * d + e); }
 };
-template <typename T, int BITS>
+template <typename T, int BITS, typename V>
 struct CodeKeys {
   const uint8_t* const* rows;  // cache row of key ja + i; K at +0, V at +off
   int64_t off;
-  const Dequant<T, BITS>& dq;
-  inline __m256 operator()(int64_t i, int64_t e) const { return dq(rows[i] + off, e); }
+  const Dequant<T, BITS, V>& dq;
+  inline typename V::F operator()(int64_t i, int64_t e) const { return dq(rows[i] + off, e); }
 };
 
 // Scores of RB rows (q: RB rows, stride d; the query heads of one position) against keys [ja, jb). With RB <= 4,
 // two keys per pass: 2 x RB independent accumulators keep both FMA pipes busy (one chain per row waits on the
-// FMA latency). Each dot product sums its 8-lane partials in the same order (e = 0, 8, ..) then hsum8, whatever
+// FMA latency). Each dot product sums its W-lane partials in the same order (e = 0, W, ..) then V::hsum, whatever
 // RB, the pass width or the loader, so both loaders and every row blocking give bitwise the same scores.
-template <int RB, typename L>
+template <int RB, typename V, typename L>
 inline void scores_block(const float* q, int64_t d, const L& ld, int64_t ja, int64_t jb, float scale,
                          float softcap, float* sc, int64_t nk, int64_t k0) {
-  auto store = [&](int64_t j, __m256 acc, int r) {
-    float s = hsum8(acc) * scale;
+  using F = typename V::F;
+  auto store = [&](int64_t j, F acc, int r) {
+    float s = V::hsum(acc) * scale;
     if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
     sc[r * nk + (j - k0)] = s;
   };
   auto pass = [&](int64_t j, auto nk_c) {  // keys j .. j + NK - 1
     constexpr int NK = decltype(nk_c)::value;
-    __m256 acc[NK][RB];
+    F acc[NK][RB];
     for (int t = 0; t < NK; ++t)
-      for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_setzero_ps();
-    for (int64_t e = 0; e < d; e += 8) {
-      __m256 kv[NK];
+      for (int r = 0; r < RB; ++r) acc[t][r] = V::zero();
+    for (int64_t e = 0; e < d; e += V::W) {
+      F kv[NK];
       for (int t = 0; t < NK; ++t) kv[t] = ld(j - ja + t, e);
       for (int r = 0; r < RB; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + r * d + e);
-        for (int t = 0; t < NK; ++t) acc[t][r] = _mm256_fmadd_ps(qv, kv[t], acc[t][r]);
+        const F qv = V::load(q + r * d + e);
+        for (int t = 0; t < NK; ++t) acc[t][r] = V::fma(qv, kv[t], acc[t][r]);
       }
     }
     for (int t = 0; t < NK; ++t)
@@ -163,29 +272,31 @@ inline void scores_block(const float* q, int64_t d, const L& ld, int64_t ja, int
 // o[RB rows, stride d] += sum_{j in [ja, jb)} p[r, j] * v_j. With RB <= 4, two 8-lane column blocks per pass
 // (2 x RB independent accumulators). Every output lane sums over j in order, continuing from o (so across key
 // tiles too): bitwise the same result for both loaders and every blocking.
-template <int RB, typename L>
+template <int RB, typename V, typename L>
 inline void pv_block(const float* p, int64_t nk, int64_t k0, const L& ld, int64_t ja, int64_t jb, int64_t d,
                      float* o) {
-  auto pass = [&](int64_t e, auto ne_c) {  // columns [e, e + 8 NE)
+  using F = typename V::F;
+  constexpr int W = V::W;
+  auto pass = [&](int64_t e, auto ne_c) {  // columns [e, e + W NE)
     constexpr int NE = decltype(ne_c)::value;
-    __m256 acc[NE][RB];
+    F acc[NE][RB];
     for (int t = 0; t < NE; ++t)
-      for (int r = 0; r < RB; ++r) acc[t][r] = _mm256_loadu_ps(o + r * d + e + 8 * t);
+      for (int r = 0; r < RB; ++r) acc[t][r] = V::load(o + r * d + e + W * t);
     for (int64_t j = ja; j < jb; ++j) {
-      __m256 vv[NE];
-      for (int t = 0; t < NE; ++t) vv[t] = ld(j - ja, e + 8 * t);
+      F vv[NE];
+      for (int t = 0; t < NE; ++t) vv[t] = ld(j - ja, e + W * t);
       for (int r = 0; r < RB; ++r) {
-        const __m256 pr = _mm256_broadcast_ss(p + r * nk + (j - k0));
-        for (int t = 0; t < NE; ++t) acc[t][r] = _mm256_fmadd_ps(pr, vv[t], acc[t][r]);
+        const F pr = V::bcast(p + r * nk + (j - k0));
+        for (int t = 0; t < NE; ++t) acc[t][r] = V::fma(pr, vv[t], acc[t][r]);
       }
     }
     for (int t = 0; t < NE; ++t)
-      for (int r = 0; r < RB; ++r) _mm256_storeu_ps(o + r * d + e + 8 * t, acc[t][r]);
+      for (int r = 0; r < RB; ++r) V::store(o + r * d + e + W * t, acc[t][r]);
   };
   constexpr int NE = RB <= 4 ? 2 : 1;  // column blocks per pass: NE x RB <= 8 accumulators
   int64_t e = 0;
-  for (; e + 8 * NE <= d; e += 8 * NE) pass(e, std::integral_constant<int, NE>{});
-  for (; e < d; e += 8) pass(e, std::integral_constant<int, 1>{});
+  for (; e + W * NE <= d; e += W * NE) pass(e, std::integral_constant<int, NE>{});
+  for (; e < d; e += W) pass(e, std::integral_constant<int, 1>{});
 }
 
 // Calls f(std::integral_constant<int, n>{}) for n in 1..8 (row-block sizes: the query heads of one kv head).
@@ -208,7 +319,7 @@ inline void dispatch_rows(int64_t n, F&& f) {
 // position see the same keys and are processed in blocks of up to 8. Writes the UNNORMALISED partial softmax of
 // each row: pm[r] = max score (-inf if the row sees no key here), pl[r] = sum exp(s - pm), po[r] = sum
 // exp(s - pm) v (f32, [rows, d]); `combine` merges the splits and divides.
-template <typename T, int BITS>
+template <typename T, int BITS, typename V>
 void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, const int64_t* table, int64_t h,
                  int64_t g, int64_t d, int64_t first_pos, int64_t qa, int64_t qb, int64_t k0, int64_t k1, float ks,
                  float vs, float scale, int64_t window, float softcap, bool causal, float* pm, float* pl, float* po) {
@@ -233,12 +344,12 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
       for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<float>(src[e]);
     }
   }
-  const Dequant<T, BITS> kdq(ks), vdq(vs);
-  auto dequant = [&](int64_t j0, int64_t j1, int64_t off, const Dequant<T, BITS>& dq) {  // keys [j0, j1) -> kv
+  const Dequant<T, BITS, V> kdq(ks), vdq(vs);
+  auto dequant = [&](int64_t j0, int64_t j1, int64_t off, const Dequant<T, BITS, V>& dq) {  // keys [j0, j1) -> kv
     for (int64_t j = j0; j < j1; ++j) {                                                   // (off: 0 = K, cb = V)
       const uint8_t* row = c.row(table[j / c.bs], h, j % c.bs) + off;
       float* dst = kv.data() + (j - j0) * d;
-      for (int64_t e = 0; e < d; e += 8) _mm256_storeu_ps(dst + e, dq(row, e));
+      for (int64_t e = 0; e < d; e += V::W) V::store(dst + e, dq(row, e));
     }
   };
   const uint8_t* krow[kKT];
@@ -254,7 +365,7 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
   // Scores.
   if (fused) {
     fused_tiles([&](int64_t j0, int64_t j1, int64_t g0, auto rb) {
-      scores_block<decltype(rb)::value>(qf.data() + g0 * d, d, CodeKeys<T, BITS>{krow, 0, kdq}, j0, j1, scale,
+      scores_block<decltype(rb)::value, V>(qf.data() + g0 * d, d, CodeKeys<T, BITS, V>{krow, 0, kdq}, j0, j1, scale,
                                          softcap, sc.data() + g0 * nk, nk, k0);
     });
   } else {
@@ -267,7 +378,7 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
         for (int64_t g0 = 0; g0 < g; g0 += 8) {
           const int64_t r = i * g + g0;
           dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
-            scores_block<decltype(rb)::value>(qf.data() + r * d, d, TileKeys{kv.data() + (a - j0) * d, d}, a, b,
+            scores_block<decltype(rb)::value, V>(qf.data() + r * d, d, TileKeys<V>{kv.data() + (a - j0) * d, d}, a, b,
                                               scale, softcap, sc.data() + r * nk, nk, k0);
           });
         }
@@ -289,7 +400,7 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
   // P @ V.
   if (fused) {
     fused_tiles([&](int64_t j0, int64_t j1, int64_t g0, auto rb) {
-      pv_block<decltype(rb)::value>(sc.data() + g0 * nk, nk, k0, CodeKeys<T, BITS>{krow, c.cb, vdq}, j0, j1, d,
+      pv_block<decltype(rb)::value, V>(sc.data() + g0 * nk, nk, k0, CodeKeys<T, BITS, V>{krow, c.cb, vdq}, j0, j1, d,
                                     of + g0 * d);
     });
   } else {
@@ -302,7 +413,7 @@ void attend_part(const T* query, int64_t q_st, int64_t q_sh, const Cache& c, con
         for (int64_t g0 = 0; g0 < g; g0 += 8) {
           const int64_t r = i * g + g0;
           dispatch_rows(std::min<int64_t>(8, g - g0), [&](auto rb) {
-            pv_block<decltype(rb)::value>(sc.data() + r * nk, nk, k0, TileKeys{kv.data() + (a - j0) * d, d}, a, b, d,
+            pv_block<decltype(rb)::value, V>(sc.data() + r * nk, nk, k0, TileKeys<V>{kv.data() + (a - j0) * d, d}, a, b, d,
                                           of + r * d);
           });
         }
@@ -338,6 +449,17 @@ Cache cache_view(const at::Tensor& cache, int64_t d, int64_t bits) {
   TORCH_CHECK(cache.size(3) == 2 * cb, "kv cache rows have ", cache.size(3), " bytes, expected ", 2 * cb,
               " (head_dim ", d, ", int", bits, ")");
   return Cache{cache.data_ptr<uint8_t>(), cache.stride(0), cache.stride(1), cache.stride(2), cache.size(2), cb};
+}
+
+// The attend_part for these bits and head_dim: 16 lanes where this build has AVX-512 and d % 16 == 0, else 8.
+template <typename T>
+auto pick(int64_t bits, int64_t d) {
+  using Fn = decltype(&attend_part<T, 8, Y8>);
+#if KV_ZMM
+  if (d % 16 == 0 && kv_zmm_enabled())
+    return bits == 16 ? Fn(&attend_part<T, 16, Z16>) : bits == 8 ? Fn(&attend_part<T, 8, Z16>) : Fn(&attend_part<T, 4, Z16>);
+#endif
+  return bits == 16 ? Fn(&attend_part<T, 16, Y8>) : bits == 8 ? Fn(&attend_part<T, 8, Y8>) : Fn(&attend_part<T, 4, Y8>);
 }
 
 void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const at::Tensor& query_start_loc,
@@ -405,7 +527,7 @@ void kv_paged_attention(const at::Tensor& query, const at::Tensor& cache, const 
         const int64_t q0 = qp[it.r], first = lp[it.r] - (qp[it.r + 1] - q0);
         const int64_t* tb = table.data_ptr<int64_t>() + it.r * table.stride(0);
         float* pu = part.data() + u * ustride;
-        auto f = bits == 16 ? &attend_part<T, 16> : bits == 8 ? &attend_part<T, 8> : &attend_part<T, 4>;
+        auto f = pick<T>(bits, d);
         f(qd + q0 * query.stride(0), query.stride(0), query.stride(1), c, tb, it.h, g, d, first, it.qa, it.qb,
           units[u].k0, units[u].k1, ks, vs, (float)scale, window, (float)softcap, causal, pu, pu + max_rows,
           pu + 2 * max_rows);
@@ -492,6 +614,7 @@ TORCH_LIBRARY_FRAGMENT(gemma_mobile, m) {
   m.def("kv_paged_attention(Tensor query, Tensor cache, Tensor query_start_loc, Tensor seq_lens, Tensor block_table, "
         "float k_scale, float v_scale, int bits, float scale, int window, float softcap, bool causal, "
         "Tensor(a!) out) -> ()");
+  m.def("kv_zmm(int enable) -> int", &kv_zmm);  // no tensor arguments: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(gemma_mobile, CPU, m) {

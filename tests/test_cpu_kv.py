@@ -23,6 +23,27 @@ from fixtures_ckpt import kv_chunk_steps  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_kv.available(), reason="C++ kernels not buildable here (no AVX2)")
 
+
+
+@pytest.fixture(autouse=True, params=["default", "eight_lanes"])
+def lane_width(request):
+    """Every test on both kernel widths: the build's default (16 lanes with AVX-512 where head_dim % 16 == 0) and
+    the 8-lane AVX2 code (`cpu_kv.eight_lanes`), which AVX-512 machines would otherwise never run."""
+    if request.param == "eight_lanes":
+        with cpu_kv.eight_lanes():
+            assert cpu_kv.lanes() == 8
+            yield 8
+    else:
+        yield cpu_kv.lanes()
+
+
+def test_sixteen_lanes_exactly_where_the_build_has_avx512(lane_width, request):
+    from kernels import cpu_packed
+
+    default = request.node.callspec.params["lane_width"] == "default"
+    assert lane_width == (16 if default and cpu_packed.avx512_flags() else 8)
+
+
 U = 2.0 ** -24  # f32 unit roundoff
 MANT = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
