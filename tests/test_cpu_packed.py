@@ -31,10 +31,12 @@ def test_int_mm_exact(bits, m, n, k):
     assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), (x.long() @ q.long().t()).int())
 
 
-def test_avx512_path_where_the_cpu_has_it():
+def test_avx512_path_where_the_cpu_has_it(monkeypatch):
     """M > 1 runs the 512-bit vpdpbusd tile exactly where the build machine has AVX-512 F / BW / VNNI (the exactness
-    tests here then cover it; on an AVX2-only machine they cover maddubs / madd)."""
+    tests here then cover it; on an AVX2-only machine, or built with GEMMA_MOBILE_AVX512=0, they cover maddubs /
+    madd)."""
     assert cpu_packed.isa() == ("avx512-vnni" if cpu_packed.avx512_flags() else "avx2")
+    monkeypatch.delenv("GEMMA_MOBILE_AVX512", raising=False)  # the flag rule itself, whatever this run was built with
     assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw", "avx512_vnni"}) == \
         ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
     assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw"}) == []  # no VNNI: the AVX2 path
