@@ -1,10 +1,12 @@
-"""The quantized paged KV cache on CPU (``cpu_kv.cpp``, AVX2 + FMA; 16 lanes with AVX-512 where built for it; built with ``kernels.cpu_packed``'s extension):
+"""The quantized paged KV cache on CPU (``cpu_kv.cpp``: AVX2 + FMA, 16 lanes with AVX-512 where built for it;
+built with ``kernels.cpu_packed``'s extension):
 the same functions, signatures and numerics as the torch reference in ``kernels.kvcache`` (which documents the
 cache layout), without its per-request torch ops.
 
 ``write_kv_cache``: bitwise the reference (one scalar quantizer with the reference's rounding steps).
 ``paged_attention``: K/V dequantized exactly like the reference (``T(code * T(s))``); scores, softmax and P @ V in
-f32 with 8- or 16-lane partial sums (``lanes``) instead of torch's BLAS order, ``std::exp`` / ``std::tanh`` instead of torch's
+f32 with 8- or 16-lane partial sums (``lanes``) instead of torch's BLAS order, ``std::exp`` / ``std::tanh`` instead
+of torch's
 vectorised ones - so it equals the reference up to f32 rounding before the final cast to the activation dtype
 (bound in ``tests/test_cpu_kv.py``).
 """
