@@ -95,3 +95,15 @@ def test_size_budget_run_writes_the_chosen_bits_and_fits(tiny_gemma3, tmp_path):
     with pytest.raises(ValueError, match="chooses"):
         quantize(tiny_gemma3, RECIPES / "gemma3_mobile_ptq.yaml", tmp_path / "q2", size_budget=budget,
                  overrides={"embed_bits": 4})
+
+
+def test_size_budget_refuses_gemma4_from_its_config_alone(tiny_gemma4, tmp_path):
+    """The model_type check runs on config.json before any weights are read: a Gemma 4 directory holding only its
+    config (no safetensors) gets the Gemma-3-only message, not a missing-weights error from the loader."""
+    import shutil
+
+    from vllm_gemma_mobile.quantize.allocate import measure_sensitivity
+
+    shutil.copy(Path(tiny_gemma4) / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match="Gemma 3 bits only.*gemma4"):
+        measure_sensitivity(tmp_path, tokens=64, seq_len=64)

@@ -99,3 +99,15 @@ def test_bad_option():
         MobileScheme(kv_ranges="percentile")
     with pytest.raises(ValueError, match="kv_range_tokens"):
         MobileScheme(kv_range_tokens=0)
+
+
+def test_multi_sequence_batches_are_refused():
+    """A batch of two sequences may be padded, and padded positions would be counted as keys: the capture refuses
+    it with a message naming the fix instead of searching on them."""
+    m = torch.nn.Module()
+    s = KVRangeSearch(tokens=64)
+    s.captured[m] = _Captured()
+    with pytest.raises(ValueError, match="batches of one sequence.*batch_size 1"):
+        s._hook("k")(m, torch.zeros(2, 1, 8, 4))
+    s._hook("k")(m, torch.zeros(1, 1, 8, 4))
+    assert s.captured[m].tokens["k"] == 8 and s.captured[m].k[0].shape == (1, 8, 4)

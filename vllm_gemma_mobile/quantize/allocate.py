@@ -107,25 +107,28 @@ def measure_sensitivity(base: str | Path, tokens: int = 1024, seq_len: int = 256
                         observer_kwargs: dict | None = None) -> tuple[list[Unit], dict[str, dict[int, float]], int]:
     """(units, {unit: {bits: KL increase}}, bytes of everything outside the units) for BASE (module docstring)."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from vllm_gemma_mobile.quantize.run import calibration_token_ids
 
     base = Path(base)
+    # checked on the config alone, before any weights are read
+    config = AutoConfig.from_pretrained(base)
+    if not getattr(config, "model_type", "").startswith("gemma3"):
+        raise ValueError(f"{base}: --size-budget allocates Gemma 3 bits only (model_type "
+                         f"{config.model_type!r}; Gemma 4's PLE and per-layer projections are not units yet)")
+    n_layers = config.get_text_config().num_hidden_layers  # a multimodal Gemma 3 nests it in text_config
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(base)
     n_seq = max(1, tokens // seq_len)
     ids = torch.tensor([s for s in calibration_token_ids(tok, n_seq * 2, seq_len) if len(s) == seq_len][:n_seq])
-    if not getattr(model.config, "model_type", "").startswith("gemma3"):
-        raise ValueError(f"{base}: --size-budget allocates Gemma 3 bits only (model_type "
-                         f"{model.config.model_type!r}; Gemma 4's PLE and per-layer projections are not units yet)")
     units = find_units(model)
     ref = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
     mods = dict(model.named_modules())
     in_units = {id(mods[m].weight) for u in units for m in u.modules}
     # everything else is written as bf16, plus one bf16 k_scale and v_scale per layer (each Gemma 3 layer has a cache)
     rest = sum(p.numel() * 2 for p in model.parameters() if id(p) not in in_units) \
-        + 4 * model.config.num_hidden_layers
+        + 4 * n_layers
     sens: dict[str, dict[int, float]] = {}
     bar = tqdm(total=len(units) * len(bits), desc="bit sensitivity", unit="eval")
     for u in units:

@@ -102,10 +102,15 @@ class KVRangeSearch:
     def _hook(self, kind: str):
         def hook(module: torch.nn.Module, states: torch.Tensor) -> None:
             c = self.captured[module]
+            if states.shape[0] != 1:
+                # padded positions of a multi-sequence batch would count as keys the queries can read
+                raise ValueError(f"kv_ranges: attention_output needs calibration batches of one sequence (got "
+                                 f"{states.shape[0]}); use batch_size 1 (llmcompressor's default) or kv_ranges: "
+                                 "observer")
             if c.tokens[kind] < self.tokens:
-                for x in states.detach():  # one [H, T, D] per sequence of the batch
-                    getattr(c, kind).append(x.to("cpu", copy=True))
-                    c.tokens[kind] += x.shape[1]
+                x = states.detach()[0]  # [H, T, D]
+                getattr(c, kind).append(x.to("cpu", copy=True))
+                c.tokens[kind] += x.shape[1]
         return hook
 
     @torch.no_grad()
