@@ -31,23 +31,42 @@ logger = logging.getLogger(__name__)
 _KV_WARNED = False
 
 
+KV_ENV = "GEMMA_MOBILE_KV_BACKEND"
+
+
 def kv_kernels(device: torch.device) -> tuple:
     """(write, attend) of the quantized KV cache on ``device`` - what the plugin's attention layers run and what
     the evaluation reference calls, so both compute the same attention bit for bit: Triton on CUDA; on CPU the C++
     kernels (``kernels.cpu_kv``), or the torch reference (``kernels.kvcache``, same numerics up to f32 summation
-    order) when ``GEMMA_MOBILE_BACKEND=torch`` or the extension cannot be built (logged once)."""
+    order) when the extension cannot be built (logged once). ``GEMMA_MOBILE_KV_BACKEND=cpp|torch|triton`` forces
+    one (default: ``torch`` / ``triton`` when ``GEMMA_MOBILE_BACKEND`` says so for the linears); ``triton`` on a
+    CPU tensor needs ``TRITON_INTERPRET=1`` (tests: a CPU engine serving through the CUDA path's kernels)."""
     global _KV_WARNED
-    if device.type == "cuda":
+    forced = os.environ.get(KV_ENV, "").strip().lower()
+    if forced not in ("", "cpp", "torch", "triton"):
+        raise ValueError(f"{KV_ENV}={forced!r}: expected cpp, torch or triton")
+    if not forced:
+        forced = os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower()
+    if device.type == "cuda" or forced == "triton":
+        from ._common import interpret
+
+        if device.type != "cuda" and not interpret():
+            raise RuntimeError(f"Triton KV kernels ({KV_ENV} / GEMMA_MOBILE_BACKEND=triton) on a CPU tensor need "
+                               "TRITON_INTERPRET=1 (they only run on CUDA otherwise)")
         from .kvcache_triton import paged_attention_triton, write_kv_cache_triton
 
         return write_kv_cache_triton, paged_attention_triton
+    if forced == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"{KV_ENV}=cpp: the C++ KV kernels run on CPU tensors only (got {device})")
     from . import cpu_kv
     from . import kvcache as kvc
 
-    if os.environ.get("GEMMA_MOBILE_BACKEND", "").strip().lower() != "torch":
+    if forced != "torch":
         ok, why = cpu_packed.status()
         if ok:
             return cpu_kv.write_kv_cache, cpu_kv.paged_attention
+        if forced == "cpp":
+            raise RuntimeError(f"{KV_ENV}=cpp but the C++ KV kernels are unavailable: {why}")
         if not _KV_WARNED:
             logger.warning("gemma_mobile: C++ KV-cache kernels unavailable (%s); the quantized KV cache runs on the "
                            "torch reference (same numerics, slower)", why)

@@ -296,3 +296,40 @@ def test_decode_path_bitwise_equals_tiled_path(bits, hq, d, window, dtype):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(fused.view(-1).view(torch.uint8), tiled[-1:].reshape(-1).contiguous().view(torch.uint8))
+
+
+def test_kv_backend_switch(monkeypatch):
+    """`kernels.plugin.kv_kernels`: C++ by default on CPU; `GEMMA_MOBILE_KV_BACKEND` picks cpp / torch / triton for
+    the KV cache alone and wins over `GEMMA_MOBILE_BACKEND` (which it follows when unset); bad values and
+    impossible choices are errors, never a silent substitute."""
+    from kernels import cpu_packed
+    from kernels import kvcache_triton as kvt
+    from kernels import plugin
+
+    cpu = torch.device("cpu")
+    for k in ("GEMMA_MOBILE_KV_BACKEND", "GEMMA_MOBILE_BACKEND", "TRITON_INTERPRET"):
+        monkeypatch.delenv(k, raising=False)
+    cpp = (cpu_kv.write_kv_cache, cpu_kv.paged_attention)
+    torch_ref = (kvc.write_kv_cache, kvc.paged_attention)
+    triton = (kvt.write_kv_cache_triton, kvt.paged_attention_triton)
+    if not cpu_packed.status()[0]:
+        pytest.skip("C++ extension unavailable here")
+    assert plugin.kv_kernels(cpu) == cpp
+    monkeypatch.setenv("GEMMA_MOBILE_BACKEND", "torch")
+    assert plugin.kv_kernels(cpu) == torch_ref
+    monkeypatch.setenv("GEMMA_MOBILE_KV_BACKEND", "cpp")  # the KV switch wins
+    assert plugin.kv_kernels(cpu) == cpp
+    monkeypatch.setenv("GEMMA_MOBILE_BACKEND", "packed")
+    monkeypatch.setenv("GEMMA_MOBILE_KV_BACKEND", "torch")
+    assert plugin.kv_kernels(cpu) == torch_ref
+    monkeypatch.setenv("GEMMA_MOBILE_KV_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        plugin.kv_kernels(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert plugin.kv_kernels(cpu) == triton
+    monkeypatch.setenv("GEMMA_MOBILE_KV_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        plugin.kv_kernels(torch.device("meta"))
+    monkeypatch.setenv("GEMMA_MOBILE_KV_BACKEND", "fast")
+    with pytest.raises(ValueError, match="GEMMA_MOBILE_KV_BACKEND='fast'"):
+        plugin.kv_kernels(cpu)

@@ -87,23 +87,34 @@ def _capacity(engine) -> int:
     return int(tokens)
 
 
-def _greedy_cases(engine) -> list:
-    """[(prompt_ids, tokens, chosen-token logprobs)] of PROMPTS + [LONG] (chunked prefill, decoding past the window)."""
-    outs = engine.generate(PROMPTS + [LONG], _greedy(logprobs=1))
-    assert len(outs[-1].prompt_token_ids) > 2 * ENGINE["max_num_batched_tokens"]
+# The Triton interpreter runs ~20 programs per second here (one per query token and head): its engine batches
+# at most 16 tokens per step and serves one short and one 3-chunk prompt for 8 tokens (~1k programs).
+SMALL = dict(engine={**ENGINE, "max_num_batched_tokens": 16, "max_model_len": 128},
+             prompts=[PROMPTS[0], " ".join(["the quick brown fox jumps over the lazy dog"] * 4)], tokens=8)
+
+
+def _greedy_cases(engine, prompts: list[str] | None = None, tokens: int = N_TOKENS, chunk: int = 0) -> list:
+    """[(prompt_ids, tokens, chosen-token logprobs)] of PROMPTS + [LONG] (or `prompts`; the last one is prefilled
+    in more than two chunks of `chunk` tokens and decoded past the window)."""
+    outs = engine.generate(prompts or PROMPTS + [LONG], _greedy(tokens, logprobs=1))
+    assert len(outs[-1].prompt_token_ids) > 2 * (chunk or ENGINE["max_num_batched_tokens"])
     return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
              [d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
 
 
-def probe(model: str, out: str) -> None:
-    """Subprocess entry: start an engine with ENGINE settings, write its greedy outputs (`_greedy_cases`), then its
-    KV layout (incl. the kernels that forward ran) and capacity as JSON."""
+def probe(model: str, out: str, small: bool = False) -> None:
+    """Subprocess entry: start an engine with ENGINE settings (SMALL ones if `small`), write its greedy outputs
+    (`_greedy_cases`), then its KV layout (incl. the kernels that forward ran) and capacity as JSON."""
     from vllm import LLM
 
     from vllm_gemma_mobile.vllm.kv_cache import describe_kv_cache
 
-    engine = LLM(model, **ENGINE)
-    cases = _greedy_cases(engine)
+    if small:
+        engine = LLM(model, **SMALL["engine"])
+        cases = _greedy_cases(engine, SMALL["prompts"], SMALL["tokens"], SMALL["engine"]["max_num_batched_tokens"])
+    else:
+        engine = LLM(model, **ENGINE)
+        cases = _greedy_cases(engine)
     Path(out).write_text(json.dumps({"layers": engine.apply_model(describe_kv_cache)[0],
                                      "capacity": _capacity(engine), "cases": cases}))
 
@@ -246,6 +257,78 @@ def test_mixed_length_batch_equals_serial(llm):
     batch = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, _greedy())]
     serial = [list(llm.generate([p], _greedy())[0].outputs[0].token_ids) for p in prompts]
     assert batch == serial
+
+
+# ------------------------------------------------------------------------------------------- the CUDA path
+
+
+def test_cuda_backend_contract():
+    """The CUDA backends (no CUDA engine here, so what vLLM asks of a backend class is checked directly): for
+    Gemma 3 / Gemma 4 attention (head_dim 256 and 512, bf16, block 16, sliding window, decoder) vLLM's own
+    `validate_configuration` finds nothing to refuse; the page is the CPU backend's (same bytes per token); the
+    registered names resolve through `AttentionBackendEnum`; f16 models and the bf16 comparison page are refused
+    on CUDA with a message; vLLM's generic spec code (`customize_attention_spec`) takes the page."""
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheLayout
+    from vllm.v1.worker.utils import customize_attention_spec
+
+    from vllm_gemma_mobile.vllm import kv_attention as ka
+
+    ka.register_backends()
+    for bits in (8, 4):
+        cuda, cpu = ka.backend_for(bits, "cuda"), ka.backend_for(bits, "cpu")
+        assert cuda is not cpu and cuda.get_impl_cls() is cpu.get_impl_cls()
+        assert AttentionBackendEnum[cuda.get_name()].get_class() is cuda
+        assert cuda.supported_kv_cache_layouts() == (KVCacheLayout.LBHNC,)
+        assert not cuda.forward_includes_kv_cache_update
+        for head in (256, 512):
+            for window in (True, False):
+                why = cuda.validate_configuration(head, torch.bfloat16, "auto", 16, False, False, False, False,
+                                                  False, DeviceCapability(9, 0), "decoder", has_sliding_window=window)
+                assert why == [], (bits, head, why)
+            spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=head, dtype=torch.bfloat16)
+            got = customize_attention_spec(cuda, spec)
+            assert got.dtype == torch.uint8 and got.page_size_bytes == cpu.customize_spec(spec).page_size_bytes
+            assert got.page_size_bytes == 16 * 2 * head * bits // 8  # 16 tokens x (K + V) codes
+        assert "dtype not supported" in cuda.validate_configuration(
+            256, torch.float16, "auto", 16, False, False, False, False, False, DeviceCapability(9, 0), "decoder")
+        assert "block_size not supported" in cuda.validate_configuration(
+            256, torch.bfloat16, "auto", 8, False, False, False, False, False, DeviceCapability(9, 0), "decoder")
+    with pytest.raises(ValueError, match="bf16.*CPU-only.*GEMMA_MOBILE_KV_CACHE=vllm"):
+        ka.backend_for(16, "cuda")
+    with pytest.raises(ValueError, match="CPU and CUDA only"):
+        ka.backend_for(8, "xpu")
+
+
+def test_triton_kernels_serve_the_cache_and_equal_the_reference(mobile_tiny, tmp_path, monkeypatch):
+    """The CUDA path's kernels inside a real engine: with GEMMA_MOBILE_KV_BACKEND=triton and TRITON_INTERPRET=1 the
+    plugin's KV impl (the one both backends use) writes and attends with `kernels/kvcache_triton.py` over vLLM's
+    uint8 pages, incl. chunked prefill and decoding past the window (`SMALL`: the interpreter is slow); greedy
+    tokens and log-probs equal the reference (`kv_kernels` gives it the same Triton kernels) with no tie
+    allowance, 1e-4 nats (the log-softmax's f32 reduction order). Sensitive: the same reference without KV fake quant is out of tolerance."""
+    from vllm_gemma_mobile.evaluate.reference import kv_fake_quant_enabled
+
+    env = {"GEMMA_MOBILE_KV_BACKEND": "triton", "TRITON_INTERPRET": "1"}  # linears stay on the C++ kernels
+    out = tmp_path / "triton.json"
+    code = ("import sys; sys.path.insert(0, %r)\nfrom test_vllm_kv import probe\nprobe(%r, %r, small=True)\n"
+            % (str(Path(__file__).parent), str(mobile_tiny), str(out)))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, **env})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert {x["kernels"] for x in got["layers"]} == {"kernels.kvcache_triton.paged_attention_triton"}
+    assert [x["bytes_per_token"] for x in got["layers"]] == [64.0] * 5 + [32.0]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cases = [tuple(c) for c in got["cases"]]
+    model = _reference_with_kv_fake_quant(mobile_tiny)
+    with torch.no_grad():
+        print("Triton KV, with KV fake quant:", compare_greedy(model, cases, max_lp_diff=1e-4, max_ties=0))
+        kv_fake_quant_enabled(model, False)  # K/V unquantized: the "bits 16" page, which only the C++ kernels hold
+        monkeypatch.delenv("GEMMA_MOBILE_KV_BACKEND")
+        with pytest.raises(AssertionError):
+            compare_greedy(model, cases, max_lp_diff=1e-4, max_ties=0)
 
 
 # ------------------------------------------------------------------------------------------- start-up errors

@@ -2,14 +2,14 @@
 
 Default: the hybrid quantized cache of the checkpoint (`quantization_config.gemma_mobile.kv_cache.layer_bits`:
 int8 for sliding layers, int4 for global ones), with the static per-tensor scales
-`model.layers.i.self_attn.k_scale` / `v_scale`; the attention backend is `kv_attention.py` (CPU only in this
-version: on other platforms the cache stays in the model dtype and the start-up line says so).
+`model.layers.i.self_attn.k_scale` / `v_scale`; the attention backend is `kv_attention.py` (CPU and CUDA: on
+other platforms the cache stays in the model dtype and the start-up line says so).
 
 Comparison switches (scales are still loaded and checked; the mode is logged at start-up):
 - `GEMMA_MOBILE_KV_CACHE=bf16`: an unquantized cache in the model dtype (bf16 / f16), attended by the same
   kernels as the quantized one (`kv_attention.py`, "bits 16"), so the served model equals the evaluation
   reference with its KV fake quant off (`reference_perplexity(kv_fake_quant=False)`), as the quantized cache
-  equals it with the fake quant on. CPU only, like the quantized cache.
+  equals it with the fake quant on. CPU only (on CUDA a start-up error: use `vllm` there).
 - `GEMMA_MOBILE_KV_CACHE=vllm`: vLLM's own attention backend and cache (model dtype) - what vLLM does without
   this plugin's cache; the baseline of the KV benchmark (`gemma-mobile bench --kv-compare`).
 `--kv-cache-dtype` must stay `auto`: the checkpoint fixes the cache format, so e.g. `--kv-cache-dtype fp8` is a
@@ -45,11 +45,11 @@ def kv_cache_mode() -> str:
 
 
 def quantized_cache_supported() -> bool:
-    """The quantized cache runs the torch reference of kernels/kvcache.py through a CPU_ATTN-derived backend:
-    CPU only in this version (GPU Triton kernels are future work)."""
+    """The quantized cache has a backend on CPU (C++ kernels) and CUDA (Triton kernels): `kv_attention.py`. Other
+    platforms (ROCm, XPU, TPU) keep a cache in the model dtype, and the start-up line says so."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return current_platform.is_cpu() or current_platform.is_cuda()
 
 
 def _layer_index(name: str | None) -> int:
@@ -68,8 +68,8 @@ def describe_kv_mode(layer_bits: list[int | None]) -> str:
         return (f"gemma_mobile: KV cache in the model dtype ({ENV}=vllm: vLLM's own attention, for comparison); "
                 f"the checkpoint's quantized KV ({per}) is NOT used")
     if not quantized_cache_supported():
-        return (f"gemma_mobile: KV cache in the model dtype: the quantized KV cache ({per}) is CPU-only in this "
-                "version")
+        return (f"gemma_mobile: KV cache in the model dtype: the quantized KV cache ({per}) runs on CPU and CUDA "
+                "only in this version")
     if mode == "bf16":
         return (f"gemma_mobile: KV cache in the model dtype ({ENV}=bf16, for comparison: the plugin's attention "
                 f"over an unquantized cache); the checkpoint's quantized KV ({per}) is NOT used")
