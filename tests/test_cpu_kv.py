@@ -302,7 +302,6 @@ def test_kv_backend_switch(monkeypatch):
     """`kernels.plugin.kv_kernels`: C++ by default on CPU; `GEMMA_MOBILE_KV_BACKEND` picks cpp / torch / triton for
     the KV cache alone and wins over `GEMMA_MOBILE_BACKEND` (which it follows when unset); bad values and
     impossible choices are errors, never a silent substitute."""
-    from kernels import cpu_packed
     from kernels import kvcache_triton as kvt
     from kernels import plugin
 
@@ -312,8 +311,6 @@ def test_kv_backend_switch(monkeypatch):
     cpp = (cpu_kv.write_kv_cache, cpu_kv.paged_attention)
     torch_ref = (kvc.write_kv_cache, kvc.paged_attention)
     triton = (kvt.write_kv_cache_triton, kvt.paged_attention_triton)
-    if not cpu_packed.status()[0]:
-        pytest.skip("C++ extension unavailable here")
     assert plugin.kv_kernels(cpu) == cpp
     monkeypatch.setenv("GEMMA_MOBILE_BACKEND", "torch")
     assert plugin.kv_kernels(cpu) == torch_ref

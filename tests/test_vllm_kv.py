@@ -119,16 +119,21 @@ def probe(model: str, out: str, small: bool = False) -> None:
                                      "capacity": _capacity(engine), "cases": cases}))
 
 
+def _probe_in_subprocess(model: Path, out: Path, env: dict, small: bool = False, timeout: int = 900) -> dict:
+    """`probe` in a fresh process with `env` added (vLLM reads these switches at start-up); its JSON + log."""
+    code = ("import sys; sys.path.insert(0, %r)\nfrom test_vllm_kv import probe\nprobe(%r, %r, small=%r)\n"
+            % (str(Path(__file__).parent), str(model), str(out), small))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **env})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {**json.loads(out.read_text()), "log": p.stdout + p.stderr}
+
+
 @pytest.fixture(scope="module")
 def bf16_switch(mobile_tiny, tmp_path_factory) -> dict:
     """`probe` of the same checkpoint with GEMMA_MOBILE_KV_CACHE=bf16, in a subprocess (start-up log included)."""
-    out = tmp_path_factory.mktemp("bf16_switch") / "bf16.json"
-    code = ("import sys; sys.path.insert(0, %r)\nfrom test_vllm_kv import probe\nprobe(%r, %r)\n"
-            % (str(Path(__file__).parent), str(mobile_tiny), str(out)))
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "GEMMA_MOBILE_KV_CACHE": "bf16"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return {**json.loads(out.read_text()), "log": p.stdout + p.stderr}
+    return _probe_in_subprocess(mobile_tiny, tmp_path_factory.mktemp("bf16_switch") / "bf16.json",
+                                {"GEMMA_MOBILE_KV_CACHE": "bf16"})
 
 
 # ------------------------------------------------------------------------------------------- allocation
@@ -310,13 +315,7 @@ def test_triton_kernels_serve_the_cache_and_equal_the_reference(mobile_tiny, tmp
     from vllm_gemma_mobile.evaluate.reference import kv_fake_quant_enabled
 
     env = {"GEMMA_MOBILE_KV_BACKEND": "triton", "TRITON_INTERPRET": "1"}  # linears stay on the C++ kernels
-    out = tmp_path / "triton.json"
-    code = ("import sys; sys.path.insert(0, %r)\nfrom test_vllm_kv import probe\nprobe(%r, %r, small=True)\n"
-            % (str(Path(__file__).parent), str(mobile_tiny), str(out)))
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200,
-                       env={**os.environ, **env})
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = json.loads(out.read_text())
+    got = _probe_in_subprocess(mobile_tiny, tmp_path / "triton.json", env, small=True, timeout=1200)
     assert {x["kernels"] for x in got["layers"]} == {"kernels.kvcache_triton.paged_attention_triton"}
     assert [x["bytes_per_token"] for x in got["layers"]] == [64.0] * 5 + [32.0]
     for k, v in env.items():
