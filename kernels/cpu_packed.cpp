@@ -48,6 +48,22 @@
 #define GM_ZMM 0
 #endif
 
+// AMX-INT8 path for M >= 12 (compiled in where the build machine has AMX-TILE / AMX-INT8 besides the 512-bit path;
+// used at run time when the CPU and the kernel allow tiles, see amx_usable): `tdpbusd` multiplies a 16 x 64 u8 tile
+// (16 weight rows, 64 unpacked codes each) by a 64 x 16 s8 tile (16 activation rows, VNNI order) into 16 x 16
+// int32 sums, i.e. 16384 exact products per instruction where the 512-bit path's `vpdpbusd` does 64. The weights
+// are unpacked once per 32-row strip into an L1 buffer (the same `(bytes >> p*b) & mask` planes as the zmm path)
+// and reused for every activation row. Integer sums: bitwise the same int32 results as the other paths.
+#if GM_ZMM && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define GM_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <atomic>
+#else
+#define GM_AMX 0
+#endif
+
 namespace {
 
 constexpr int kWG = 8;      // words per group (kernels/layout.py WORDS_PER_GROUP)
@@ -413,12 +429,163 @@ void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, co
 }
 #endif
 
+#if GM_AMX
+// The CPU has AMX-TILE + AMX-INT8 (CPUID.(7,0):EDX bits 24, 25) and Linux grants this process the tile data state
+// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), process-wide; fails on kernels < 5.16 or without XSAVE
+// support, then the 512-bit path runs). Asked once, from the calling thread, before any worker uses a tile.
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+std::atomic<bool> g_amx_on{true};  // packed_amx(0 / 1): the switch tests and benchmarks use to compare paths
+
+struct alignas(64) TileConfig {  // ldtilecfg's 64-byte operand, palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Below 12 activation rows the 512-bit tile is as fast or faster (one tdpbusd costs the same for 1..16 rows, while
+// vpdpbusd work scales with M; measured on a Xeon with AMX, 1 thread: M = 8 zmm wins or ties, M = 12 AMX wins on
+// the lm_head 262144 x 640, 15.4 vs 17.6 ms, and ties elsewhere, M = 16: AMX 1.2-1.5x).
+constexpr int64_t kAmxMinRows = 12;
+constexpr int kAmxSteps = 16;  // 64-code steps per K chunk: 2 x 16 unpacked tiles of 1 KB = 32 KB, fits L1
+
+// Activations in pair order (x2, see pair_order; step s = h * FPB + p is the 64-byte chunk s of a row) -> the B tiles
+// of tdpbusd: per block of 16 activation rows and step s, 1 KB, row kk (4 codes), bytes j * 4 + c =
+// x2[(blk * 16 + j) * rowb + s * 64 + kk * 4 + c] (zeros for rows past m).
+void amx_b_tiles(const int8_t* x2, int64_t m, int64_t rowb, int64_t steps, std::vector<int8_t>& xb) {
+  xb.assign((m + 15) / 16 * steps * 1024, 0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t s = 0; s < steps; ++s)
+      for (int kk = 0; kk < 16; ++kk)
+        std::memcpy(xb.data() + (((i / 16) * steps + s) * 16 + kk) * 64 + (i % 16) * 4, x2 + i * rowb + s * 64 + kk * 4, 4);
+}
+
+// Steps [s0, s0 + ns) of weight rows n0 .. n0 + 31 -> a[half][s - s0] = the A tile (16 rows x 64 u8 codes, the
+// stored unsigned codes u as in dot_zmm; rows past n and the upper half of an unpaired last group are zeros).
+template <int BITS>
+inline void amx_unpack(const uint8_t* w, int64_t rb, int64_t n, int64_t n0, int64_t ng, int64_t s0, int64_t ns,
+                       uint8_t (*a)[kAmxSteps][16][64]) {
+  constexpr int FPB = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+  for (int r = 0; r < 32; ++r) {
+    uint8_t(*dst)[16][64] = a[r / 16];
+    const int rr = r % 16;
+    if (n0 + r >= n) {
+      for (int64_t s = 0; s < ns; ++s) std::memset(dst[s][rr], 0, 64);
+      continue;
+    }
+    const uint8_t* row = w + (n0 + r) * rb;
+    for (int64_t s = s0; s < s0 + ns; s += FPB) {
+      const int64_t h = s / FPB;
+      const __m512i v = 2 * h + 1 < ng ? _mm512_loadu_si512(row + h * 64)
+                                       : _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i*)(row + h * 64)));
+      for (int p = 0; p < FPB; ++p)
+        _mm512_store_si512(dst[s - s0 + p][rr], BITS == 8 ? v : _mm512_and_si512(_mm512_srli_epi16(v, p * BITS), mask));
+    }
+  }
+}
+
+// M >= kAmxMinRows on AMX: store / tile exactly as int_mm_zmm (sum(q * x), lane i*4 + r of a tile = row i0 + i, column n0 + r).
+// Per task 32 weight rows (two A tiles) x pairs of 16-row activation blocks (two B tiles): four 16 x 16 int32
+// accumulators in tiles 0-3; K in chunks of kAmxSteps steps (accumulators parked in memory between chunks).
+template <int BITS, typename Store, typename Tile>
+void int_mm_amx(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
+                const Store& store, const Tile& tile) {
+  constexpr int FPB = 8 / BITS;
+  static_assert(kAmxSteps % FPB == 0, "a chunk holds whole groups");
+  constexpr int32_t kOff = BITS == 8 ? 128 : (1 << (BITS - 1));  // sum(q * x) = sum(u * x) - kOff * sum(x)
+  const int64_t rb = kp * BITS / 8, ng = kp / codes_per_group(BITS), steps = (ng + 1) / 2 * FPB;
+  std::vector<int8_t> x2, xb;
+  int64_t rowb = 0;
+  pair_order(xp, m, kp, FPB, ng, x2, rowb);
+  amx_b_tiles(x2.data(), m, rowb, steps, xb);
+  const int64_t mblk = (m + 15) / 16, pairs = (mblk + 1) / 2, chunks = (steps + kAmxSteps - 1) / kAmxSteps;
+  at::parallel_for(0, (n + 31) / 32, 1, [&](int64_t t0, int64_t t1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    alignas(64) static thread_local uint8_t a[2][kAmxSteps][16][64];
+    alignas(64) int32_t c[4][16][16];
+    std::vector<int32_t> park(chunks > 1 ? pairs * 4 * 256 : 0);
+    const __m512i gidx = _mm512_set_epi32(3 * 16 + 3, 2 * 16 + 3, 16 + 3, 3, 3 * 16 + 2, 2 * 16 + 2, 16 + 2, 2,
+                                          3 * 16 + 1, 2 * 16 + 1, 16 + 1, 1, 3 * 16, 2 * 16, 16, 0);  // lane i*4+r: c[r][i]
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * 32;
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t s0 = ch * kAmxSteps, ns = std::min<int64_t>(kAmxSteps, steps - s0);
+        amx_unpack<BITS>(w, rb, n, n0, ng, s0, ns, a);
+        for (int64_t pr = 0; pr < pairs; ++pr) {
+          const bool two = 2 * pr + 1 < mblk;
+          int32_t* pk = park.data() + pr * 4 * 256;
+          if (ch == 0) {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+          } else {
+            _tile_loadd(0, pk, 64); _tile_loadd(1, pk + 256, 64); _tile_loadd(2, pk + 512, 64); _tile_loadd(3, pk + 768, 64);
+          }
+          const int8_t* b0 = xb.data() + ((2 * pr) * steps + s0) * 1024;
+          const int8_t* b1 = b0 + steps * 1024;
+          for (int64_t s = 0; s < ns; ++s) {
+            _tile_loadd(4, a[0][s], 64);
+            _tile_loadd(5, a[1][s], 64);
+            _tile_loadd(6, b0 + s * 1024, 64);
+            _tile_dpbusd(0, 4, 6);
+            _tile_dpbusd(2, 5, 6);
+            if (two) {
+              _tile_loadd(7, b1 + s * 1024, 64);
+              _tile_dpbusd(1, 4, 7);
+              _tile_dpbusd(3, 5, 7);
+            }
+          }
+          if (ch + 1 < chunks) {
+            _tile_stored(0, pk, 64); _tile_stored(1, pk + 256, 64); _tile_stored(2, pk + 512, 64); _tile_stored(3, pk + 768, 64);
+            continue;
+          }
+          _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+          // c[half * 2 + bsel][r][j]: weight row n0 + half * 16 + r, activation row (2 * pr + bsel) * 16 + j
+          for (int half = 0; half < 2; ++half)
+            for (int bsel = 0; bsel < (two ? 2 : 1); ++bsel) {
+              const int64_t nb = n0 + half * 16, ib = (2 * pr + bsel) * 16;
+              const int64_t rv = std::min<int64_t>(16, n - nb), jv = std::min<int64_t>(16, m - ib);
+              const int32_t* cc = &c[half * 2 + bsel][0][0];
+              for (int64_t j0 = 0; j0 < jv; j0 += 4)
+                for (int64_t r0 = 0; r0 < rv; r0 += 4) {
+                  if (j0 + 4 <= jv && r0 + 4 <= rv) {
+                    const __m512i xs = _mm512_permutexvar_epi32(
+                        _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                        _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(xsum + ib + j0))));
+                    const __m512i v = _mm512_i32gather_epi32(gidx, cc + r0 * 16 + j0, 4);
+                    tile(ib + j0, nb + r0, _mm512_sub_epi32(v, _mm512_mullo_epi32(xs, _mm512_set1_epi32(kOff))));
+                    continue;
+                  }
+                  for (int64_t j = j0; j < std::min<int64_t>(j0 + 4, jv); ++j)
+                    for (int64_t r = r0; r < std::min<int64_t>(r0 + 4, rv); ++r)
+                      store(ib + j, nb + r, cc[r * 16 + j] - kOff * xsum[ib + j]);
+                }
+            }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
 // Integer path: exact sum_k x_q * q = sum(u * x) - off * sum(x) (2/4-bit codes are stored as u = q + off).
 template <int BITS, typename Store, typename Tile>
 void int_mm_impl(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, const uint8_t* w, int64_t n,
                  const Store& store, const Tile& tile) {
   const int32_t off = BITS == 8 ? 0 : (1 << (BITS - 1));
   auto st = [&](int64_t i, int64_t r, int32_t v) { store(i, r, v - off * xsum[i]); };
+#if GM_AMX
+  if (m >= kAmxMinRows && g_amx_on.load(std::memory_order_relaxed) && amx_usable())
+    return int_mm_amx<BITS>(xp, m, kp, xsum, w, n, store, tile);
+#endif
 #if GM_ZMM
   if (m > 1) return int_mm_zmm<BITS>(xp, m, kp, xsum, w, n, store, tile);
 #endif
@@ -662,10 +829,23 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, in
 // Which integer path this build runs for M > 1: 1 = the 512-bit VNNI tile (GM_ZMM), 0 = AVX2.
 int64_t packed_zmm() { return GM_ZMM; }
 
+// The AMX path for M >= 12: want = 1 / 0 switches it on / off, -1 only asks; returns whether it runs now (1) or not
+// (0: off, or not compiled in, or the CPU / kernel refuse tiles).
+int64_t packed_amx(int64_t want) {
+#if GM_AMX
+  if (want >= 0) g_amx_on.store(want != 0);
+  return g_amx_on.load() && amx_usable() ? 1 : 0;
+#else
+  (void)want;
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gemma_mobile, m) {
   m.def("packed_zmm() -> int", &packed_zmm);  // no tensor arguments: a catch-all kernel
+  m.def("packed_amx(int want) -> int", &packed_amx);
   m.def("packed_int_mm(Tensor xq, Tensor packed, int bits, int k) -> Tensor");
   m.def("packed_float_mm(Tensor x, Tensor packed, int bits, int k) -> Tensor");
   m.def("packed_linear(Tensor x, Tensor packed, int bits, int k, Tensor col_scale, Tensor? input_scale, Tensor? bias, "

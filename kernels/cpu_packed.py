@@ -1,5 +1,6 @@
 """CPU kernels that read the packed ``kgroup8`` weights in place (``cpu_packed.cpp``, AVX2 + FMA; for M > 1 a
-512-bit ``vpdpbusd`` tile where the machine has AVX-512 VNNI, see ``avx512_flags``), as torch ops.
+512-bit ``vpdpbusd`` tile where the machine has AVX-512 VNNI, and AMX-INT8 ``tdpbusd`` tiles where it also has AMX,
+see ``avx512_flags`` / ``isa``), as torch ops.
 
 ``int_mm(xq, w)``: exact ``xq[M, K] @ q[N, K]^T`` in int32 from the 2/4/8-bit codes (0.25 / 0.5 / 1 byte per
 weight in memory, no int8 copy). Followed by ``kernels.reference.epilogue`` it is bitwise the reference linear.
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("cpu_packed.cpp")
 _SOURCES = [_SRC, Path(__file__).with_name("cpu_kv.cpp")]  # one extension: packed GEMMs + quantized KV cache
 _NAME = "gemma_mobile_cpu_packed"
+AMX_ENV = "GEMMA_MOBILE_AMX"  # "0": the 512-bit path also where AMX is available (comparison, see isa / set_amx)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
 
 
@@ -49,7 +51,12 @@ def avx512_flags(flags: set[str] | None = None) -> list[str]:
     f = cpu_flags() if flags is None else flags
     if os.environ.get("GEMMA_MOBILE_AVX512", "1").strip() == "0":
         return []
-    return ["-mavx512f", "-mavx512bw", "-mavx512vnni"] if {"avx512f", "avx512bw", "avx512_vnni"} <= f else []
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= f:
+        return []
+    # AMX-INT8 tiles for M >= 12 (GM_AMX), where the build machine has them; used only if the kernel grants this
+    # process the tile state at run time, else the 512-bit path runs (GEMMA_MOBILE_AMX=0 switches AMX off at load)
+    amx = ["-mamx-tile", "-mamx-int8"] if {"amx_tile", "amx_int8"} <= f else []
+    return ["-mavx512f", "-mavx512bw", "-mavx512vnni"] + amx
 
 
 _LOCK = threading.Lock()
@@ -87,6 +94,8 @@ def status() -> tuple[bool, str]:
                                extra_ldflags=["-fopenmp"],
                                build_directory=str(d), is_python_module=False, verbose=False)
             _register_fakes()
+            if os.environ.get(AMX_ENV, "1").strip() == "0":
+                torch.ops.gemma_mobile.packed_amx(0)
             _STATUS = (True, "")
         except Exception as e:  # a missing compiler must not break import; the caller logs the reason
             _STATUS = (False, f"building {'/'.join(p.name for p in _SOURCES)} failed ({type(e).__name__}: {str(e)[:300]})")
@@ -131,9 +140,19 @@ def require() -> None:
 
 
 def isa() -> str:
-    """The integer path the loaded build runs for M > 1: "avx512-vnni" (512-bit vpdpbusd tile) or "avx2"."""
+    """The integer path the loaded build runs for M > 1: "amx-int8" (tdpbusd tiles for M >= 12, the 512-bit tile
+    below), "avx512-vnni" (512-bit vpdpbusd tile) or "avx2"."""
     require()
+    if torch.ops.gemma_mobile.packed_amx(-1):
+        return "amx-int8"
     return "avx512-vnni" if torch.ops.gemma_mobile.packed_zmm() else "avx2"
+
+
+def set_amx(on: bool) -> bool:
+    """Switch the AMX path (M >= 12) on / off in this process (tests and benchmarks compare the paths; all give
+    the same integers). Returns whether it now runs (False where the build or the CPU has no AMX)."""
+    require()
+    return bool(torch.ops.gemma_mobile.packed_amx(1 if on else 0))
 
 
 def int_mm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:

@@ -4,6 +4,8 @@ the weight-only path is checked against an f64 product with its derived f32 summ
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -31,15 +33,50 @@ def test_int_mm_exact(bits, m, n, k):
     assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), (x.long() @ q.long().t()).int())
 
 
+def _expected_isa() -> str:
+    flags = cpu_packed.avx512_flags()
+    if os.environ.get(cpu_packed.AMX_ENV, "1") != "0" and "-mamx-int8" in flags:
+        return "amx-int8"
+    return "avx512-vnni" if flags else "avx2"
+
+
 def test_avx512_path_where_the_cpu_has_it(monkeypatch):
-    """M > 1 runs the 512-bit vpdpbusd tile exactly where the build machine has AVX-512 F / BW / VNNI (the exactness
-    tests here then cover it; on an AVX2-only machine, or built with GEMMA_MOBILE_AVX512=0, they cover maddubs /
-    madd)."""
-    assert cpu_packed.isa() == ("avx512-vnni" if cpu_packed.avx512_flags() else "avx2")
+    """M > 1 runs the 512-bit vpdpbusd tile exactly where the build machine has AVX-512 F / BW / VNNI, and AMX-INT8
+    tiles (M >= 12) where it also has AMX (the exactness tests here then cover that; on an AVX2-only machine, or
+    built with GEMMA_MOBILE_AVX512=0, they cover maddubs / madd)."""
+    assert cpu_packed.isa() == _expected_isa()
     monkeypatch.delenv("GEMMA_MOBILE_AVX512", raising=False)  # the flag rule itself, whatever this run was built with
     assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw", "avx512_vnni"}) == \
         ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
+    assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_tile", "amx_int8"}) == \
+        ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-mamx-tile", "-mamx-int8"]
+    assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw", "amx_tile", "amx_int8"}) == []  # no VNNI: AVX2
     assert cpu_packed.avx512_flags({"avx2", "avx512f", "avx512bw"}) == []  # no VNNI: the AVX2 path
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_amx_and_512_bit_paths_equal_the_exact_product(bits):
+    """Both M > 1 integer paths of an AMX build, switched in one process, give the exact int32 product: M around the
+    AMX threshold (11 / 12) and its 16-row blocks (16, 17, 31, 33: one, two, a pair plus one), N around its 32-row
+    strips (1, 31, 45), K with an unpaired last group (200, 257) and over several 16-step chunks (5000: accumulators
+    parked between chunks). Where the build has no AMX, `set_amx(True)` must say so and the 512-bit / AVX2 path is
+    checked alone."""
+    paths = [False]
+    if cpu_packed.set_amx(True):
+        paths.append(True)
+    else:
+        assert "-mamx-int8" not in cpu_packed.avx512_flags()
+    try:
+        for m, n, k in [(11, 45, 200), (12, 31, 257), (16, 1, 640), (17, 45, 5000), (31, 64, 96), (33, 33, 1536)]:
+            q = _codes(n, k, bits, m + n + k)
+            x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(m * k))
+            exact = (x.long() @ q.long().t()).int()
+            for on in paths:
+                cpu_packed.set_amx(on)
+                assert cpu_packed.isa() == ("amx-int8" if on else _expected_isa().replace("amx-int8", "avx512-vnni"))
+                assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), exact), (m, n, k, on)
+    finally:
+        cpu_packed.set_amx(os.environ.get(cpu_packed.AMX_ENV, "1") != "0")
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -52,8 +89,9 @@ def test_int_mm_extremes_do_not_saturate(bits):
     for k in (4096, 65536):
         q = torch.tensor([[lo] * k, [hi] * k, [lo, hi] * (k // 2), [0] * k, [hi] * k], dtype=torch.int8)
         for xv in (-128, 127):
-            x = torch.full((6, k), xv, dtype=torch.int8)
-            for m in (1, 2, 6):  # the M == 1 kernel, the M > 1 one (6: a full and a partial 4-row tile)
+            x = torch.full((16, k), xv, dtype=torch.int8)
+            # the M == 1 kernel, the M > 1 ones (6: a full and a partial 4-row tile; 16: AMX where the build has it)
+            for m in (1, 2, 6, 16):
                 assert torch.equal(cpu_packed.int_mm(x[:m], layout.from_int(q, bits)),
                                    (x[:m].long() @ q.long().t()).int()), (k, xv, m)
 
@@ -143,7 +181,7 @@ def test_bad_arguments_are_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m", [1, 11])
+@pytest.mark.parametrize("m", [1, 11, 37])  # 37: AMX blocks of 16 + a partial one where built
 def test_fused_linear_rounds_ties_like_reference(dtype, m):
     """Power-of-two scales make x / s_x and y / s_y land exactly on .5 ties: the fused C++ epilogue must round
     half to even and clamp exactly like the torch reference (any FMA contraction or round-half-away shows)."""
