@@ -81,3 +81,25 @@ def test_int4_kv_uses_its_own_code_range():
 def test_refuses_per_channel_weights():
     with pytest.raises(ValueError, match="per-tensor symmetric"):
         StaticMSEObserver(base_name="weight", args=weight_args(4, "static_mse"))
+
+
+def test_range_is_searched_on_read_and_follows_later_batches():
+    """The search runs when max_vals is read, on the histogram as it is then: reading after each batch gives the range
+    of everything observed so far (a later, wider batch moves it), and the value equals mse_clip on that histogram —
+    what the eager version (a search after every batch) returned. Nothing observed: no statistics, no range."""
+    g = torch.Generator().manual_seed(4)
+    obs = StaticMSEObserver(base_name="input", args=activation_args("static_mse"))
+    assert not obs.has_statistics
+    with pytest.raises(AttributeError):  # (nn.Module turns the property's error into its own message)
+        obs.max_vals
+    seen = []
+    for i in range(3):
+        b = (torch.randn(1, 64, 32, generator=g) * (3.0 ** i)).to(torch.bfloat16)
+        obs(b)
+        seen.append(b.float().abs().reshape(-1))
+        want = mse_clip(torch.histc(torch.cat(seen), bins=NBINS, min=0.0, max=obs.edge).double(), obs.edge,
+                        float(torch.cat(seen).max()), obs.q_max)
+        got = obs.max_vals
+        assert obs.has_statistics and got.dtype == torch.bfloat16 and got.shape == (1,)
+        assert float(got) == float(torch.tensor(want, dtype=torch.bfloat16)) and torch.equal(obs.min_vals, -got)
+    assert float(obs.max_vals) > 3.0  # the last batch (std 9) widened the range
