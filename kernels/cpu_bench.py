@@ -6,9 +6,14 @@ compressed-tensors checkpoint's safetensors (``*.weight_packed`` + ``*.weight_sh
 
 Per module kind (q/k/v and gate/up fused as vLLM fuses them, o, down, per-layer-embedding gate / projection,
 the lm_head over the tied table): count per token, bits, ms per call and ms per token for
-``ops.linear(backend="packed")`` (input quant + int GEMM + f32 epilogue + requant, what the plugin runs) and
-for ``torch.nn.functional.linear`` on bf16 weights. The weight-only lm_head (no lm_head SRQ scales) is timed
-with the float path. Attention, norms, sampling and vLLM's own overhead are NOT included: compare the total with
+``cpu_packed.linear`` with the scales prepared as at load (input quant + int GEMM + f32 epilogue + requant in
+one op: exactly the plugin's call, without ``ops.linear``'s per-call argument handling, ~30 us) and
+for ``torch.nn.functional.linear`` on bf16 weights, and -- where vLLM is installed -- for the linear a bf16 vLLM
+engine really runs on this CPU (``vllm_bf16``: vLLM's own ``dispatch_cpu_unquantized_gemm`` on the same weight,
+i.e. oneDNN's prepacked ``onednn_mm`` on x86 without AMX, SGL's kernel for small weights with AMX). That column is
+the baseline of the engine benchmarks: ``F.linear`` re-reads an unpacked weight every call and is up to 1.9x
+slower than it at M = 16 (measured on a Zen 5 VM, 2026-12-02), so ratios against ``F.linear`` overstate the gain.
+The weight-only lm_head (no lm_head SRQ scales) is timed with the float path. Attention, norms, sampling and vLLM's own overhead are NOT included: compare the total with
 the engine's measured decode time to see what they cost.
 """
 
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import ops
+from . import cpu_packed
 from .layout import PackedWeight, from_int, padded_k, pack_factor
 
 _FUSE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -78,6 +83,19 @@ def _weight(n: int, k: int, bits: int) -> PackedWeight:
     return from_int(torch.randint(lo, hi, (n, k), dtype=torch.int8), bits)
 
 
+def vllm_bf16_linear(wb: torch.Tensor):
+    """The bf16 linear a vLLM CPU engine builds for weight ``wb [N, K]`` (its own dispatch), or None without vLLM.
+    Optional import: kernels/ stays usable without vLLM."""
+    try:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    except Exception:  # vLLM absent (the GPU image) or not a CPU build
+        return None
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(wb, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    return lambda x: layer.cpu_linear(x, layer.weight, None)
+
+
 def profile(ckpt: Path, ms: list[int], reps: int) -> dict:
     counts, extra = checkpoint_linears(ckpt)
     rows = []
@@ -88,18 +106,24 @@ def profile(ckpt: Path, ms: list[int], reps: int) -> dict:
     for kind, n, k, bits, count, int8_act in items:
         w = _weight(n, k, bits)
         ws = torch.rand(n) * 0.01 + 1e-3
+        sx = torch.tensor([0.05]) if int8_act else None
+        so = torch.tensor([0.1]) if int8_act else None
+        cs = (sx * ws).contiguous() if int8_act else ws
         wb = torch.randn(n, k, dtype=torch.bfloat16)
+        vl = vllm_bf16_linear(wb)
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            packed = _time(lambda: ops.linear(x, w, ws, 0.05 if int8_act else None, 0.1 if int8_act else None,
-                                              backend="packed", check_values=False), reps)
+            # the plugin's call (kernels.plugin.linear_apply, packed backend): one fused op, scales prepared at load
+            packed = _time(lambda: cpu_packed.linear(x, w, cs, sx, None, so, x.dtype), reps)
             bf16 = _time(lambda: torch.nn.functional.linear(x, wb), reps)
+            vb = None if vl is None else round(_time(lambda: vl(x), reps), 4)
             rows.append({"module": kind, "n": n, "k": k, "bits": bits, "int8_activations": int8_act,
                          "per_token": count, "m": m, "packed_ms": round(packed, 4), "bf16_ms": round(bf16, 4),
+                         "vllm_bf16_ms": vb,
                          "packed_bytes": n * padded_k(k, bits) // pack_factor(bits) * 4, "bf16_bytes": n * k * 2})
-        del wb
-    totals = {m: {"packed_ms": round(sum(r["packed_ms"] * r["per_token"] for r in rows if r["m"] == m), 3),
-                  "bf16_ms": round(sum(r["bf16_ms"] * r["per_token"] for r in rows if r["m"] == m), 3)}
+        del wb, vl
+    totals = {m: {key: round(sum(r[key] * r["per_token"] for r in rows if r["m"] == m), 3)
+                  for key in ("packed_ms", "bf16_ms", "vllm_bf16_ms") if all(r[key] is not None for r in rows)}
               for m in ms}
     return {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "rows": rows, "totals_per_step": totals}
 
@@ -112,14 +136,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     res = profile(a.checkpoint, a.m, a.reps)
-    print(f"{'module':24} {'N':>7} {'K':>6} {'b':>2} {'x/tok':>5} {'M':>3} {'packed ms':>10} {'bf16 ms':>9} {'ratio':>6}")
+    print(f"{'module':24} {'N':>7} {'K':>6} {'b':>2} {'x/tok':>5} {'M':>3} {'packed ms':>10} {'F.linear':>9} "
+          f"{'ratio':>6} {'vllm bf16':>9} {'ratio':>6}")
     for r in res["rows"]:
+        vb = r["vllm_bf16_ms"]
+        tail = "" if vb is None else f" {vb * r['per_token']:9.3f} {vb / r['packed_ms']:6.2f}"
         print(f"{r['module']:24} {r['n']:7d} {r['k']:6d} {r['bits']:2d} {r['per_token']:5d} {r['m']:3d} "
               f"{r['packed_ms'] * r['per_token']:10.3f} {r['bf16_ms'] * r['per_token']:9.3f} "
-              f"{r['bf16_ms'] / r['packed_ms']:6.2f}")
+              f"{r['bf16_ms'] / r['packed_ms']:6.2f}{tail}")
     for m, t in res["totals_per_step"].items():
-        print(f"total per step, M={m}: packed {t['packed_ms']:.2f} ms, bf16 {t['bf16_ms']:.2f} ms, "
-              f"{t['bf16_ms'] / t['packed_ms']:.2f}x")
+        vb = t.get("vllm_bf16_ms")
+        print(f"total per step, M={m}: packed {t['packed_ms']:.2f} ms, F.linear bf16 {t['bf16_ms']:.2f} ms "
+              f"({t['bf16_ms'] / t['packed_ms']:.2f}x)" + ("" if vb is None else
+              f", vLLM's bf16 linear {vb:.2f} ms ({vb / t['packed_ms']:.2f}x)"))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
 
