@@ -128,13 +128,75 @@ def profile(ckpt: Path, ms: list[int], reps: int) -> dict:
     return {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "rows": rows, "totals_per_step": totals}
 
 
+def step(ckpt: Path, ms: list[int], reps: int) -> dict:
+    """Cold-cache mode (``--step``): every matmul of a decode step in the engine's order (per layer: qkv, o, gate_up,
+    down, ...; then the lm_head), each layer with its OWN weights, so that -- as in the engine -- the weights stream
+    from memory instead of staying in cache the way one shape timed in a loop does (``profile``). Per module kind:
+    ms per step, summed over its calls (best of ``reps`` steps); packed vs vLLM's bf16 linear (None without vLLM).
+    Holds one bf16 copy of every matrix: meant for the 270M, not for E2B (~10 GB)."""
+    counts, extra = checkpoint_linears(ckpt)
+    items = [(kind, n, k, bits, c, True) for (kind, n, k, bits), c in sorted(counts.items(), key=lambda kv: kv[0][0])]
+    t = extra["table"]
+    if t is not None:
+        items.append(("lm_head (tied table)", t["n"], t["k"], t["bits"], 1, extra["lm_head_srq"]))
+    mats: dict[tuple, list] = {}
+    for kind, n, k, bits, count, int8_act in items:
+        mats[(kind, n, k, bits)] = []
+        for _ in range(count):
+            w = _weight(n, k, bits)
+            ws = torch.rand(n) * 0.01 + 1e-3
+            sx = torch.tensor([0.05]) if int8_act else None
+            so = torch.tensor([0.1]) if int8_act else None
+            cs = (sx * ws).contiguous() if int8_act else ws
+            mats[(kind, n, k, bits)].append((w, cs, sx, so, vllm_bf16_linear(torch.randn(n, k, dtype=torch.bfloat16))))
+    depth = max(c for *_, c, _ in items)
+    order = [(key, i) for i in range(depth) for key in mats if i < len(mats[key])]  # layer by layer, like the model
+    out: dict = {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "mode": "step (cold cache)", "m": {}}
+    for m in ms:
+        xs = {key: torch.randn(m, key[2], dtype=torch.bfloat16) for key in mats}
+        res = {}
+        for path in ("packed", "vllm_bf16"):
+            if path == "vllm_bf16" and any(e[4] is None for v in mats.values() for e in v):
+                continue
+            best: dict | None = None
+            for _ in range(reps + 1):  # the first pass warms up (oneDNN primitive creation, page faults)
+                acc = defaultdict(float)
+                for key, i in order:
+                    w, cs, sx, so, vl = mats[key][i]
+                    x = xs[key]
+                    t0 = time.perf_counter()
+                    if path == "packed":
+                        cpu_packed.linear(x, w, cs, sx, None, so, x.dtype)
+                    else:
+                        vl(x)
+                    acc[key[0]] += time.perf_counter() - t0
+                total = sum(acc.values())
+                if best is None or total < best["total"]:
+                    best = {"total": total, **acc}
+            res[path] = {k2: round(v * 1e3, 3) for k2, v in best.items()}
+        out["m"][m] = res
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16], help="activation rows (tokens per step)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--step", action="store_true", help="cold-cache mode: a whole decode step, each layer with its "
+                    "own weights (see `step`)")
     a = ap.parse_args()
+    if a.step:
+        res = step(a.checkpoint, a.m, a.reps)
+        for m, r in res["m"].items():
+            vb = r.get("vllm_bf16", {})
+            for kind, v in r["packed"].items():
+                ratio = f"{vb[kind] / v:.2f}x" if kind in vb else ""
+                print(f"M={m:3d} {kind:24} packed {v:8.3f} ms/step   vLLM bf16 {vb.get(kind, float('nan')):8.3f}  {ratio}")
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1))
+        return
     res = profile(a.checkpoint, a.m, a.reps)
     print(f"{'module':24} {'N':>7} {'K':>6} {'b':>2} {'x/tok':>5} {'M':>3} {'packed ms':>10} {'F.linear':>9} "
           f"{'ratio':>6} {'vllm bf16':>9} {'ratio':>6}")

@@ -29,6 +29,7 @@ _SRC = Path(__file__).with_name("cpu_packed.cpp")
 _SOURCES = [_SRC, Path(__file__).with_name("cpu_kv.cpp")]  # one extension: packed GEMMs + quantized KV cache
 _NAME = "gemma_mobile_cpu_packed"
 AMX_ENV = "GEMMA_MOBILE_AMX"  # "0": the 512-bit path also where AMX is available (comparison, see isa / set_amx)
+PREFETCH_ENV = "GEMMA_MOBILE_PREFETCH_TILES"  # M == 1 software prefetch distance in 4-row tiles (default 4, 0: off)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-ffp-contract=off"]  # no implicit FMA: exact epilogue
 
 
@@ -74,7 +75,8 @@ def _cpu_has_avx2() -> bool:
 
 
 def status() -> tuple[bool, str]:
-    """(usable, why not): builds / loads the extension on first call (thread-safe), never raises."""
+    """(usable, why not): builds / loads the extension on first call (thread-safe); raises only for a malformed
+    GEMMA_MOBILE_PREFETCH_TILES."""
     global _STATUS
     with _LOCK:
         if _STATUS is not None:
@@ -85,6 +87,9 @@ def status() -> tuple[bool, str]:
         if hasattr(torch.ops, "gemma_mobile") and hasattr(torch.ops.gemma_mobile, "kv_paged_attention"):
             _STATUS = (True, "")
             return _STATUS
+        pf = os.environ.get(PREFETCH_ENV, "").strip()
+        if pf and not pf.isdigit():  # a bad switch is the user's error, not a reason to run without the kernels
+            raise ValueError(f"{PREFETCH_ENV}={pf!r}: expected a number of tiles >= 0")
         try:
             from torch.utils import cpp_extension
 
@@ -96,6 +101,8 @@ def status() -> tuple[bool, str]:
             _register_fakes()
             if os.environ.get(AMX_ENV, "1").strip() == "0":
                 torch.ops.gemma_mobile.packed_amx(0)
+            if pf:
+                torch.ops.gemma_mobile.packed_prefetch(int(pf))
             _STATUS = (True, "")
         except Exception as e:  # a missing compiler must not break import; the caller logs the reason
             _STATUS = (False, f"building {'/'.join(p.name for p in _SOURCES)} failed ({type(e).__name__}: {str(e)[:300]})")
@@ -153,6 +160,16 @@ def set_amx(on: bool) -> bool:
     the same integers). Returns whether it now runs (False where the build or the CPU has no AMX)."""
     require()
     return bool(torch.ops.gemma_mobile.packed_amx(1 if on else 0))
+
+
+def set_prefetch(tiles: int) -> int:
+    """M == 1 software prefetch distance in 4-row tiles (0: off; the default 4 = 4 x 4 rows ahead). Numerics do not
+    depend on it. Measured on the 270M's decode step (all matmuls, each layer's own weights, cold cache, Zen 5 VM,
+    40 interleaved passes): median 7.39 ms off vs 5.42 ms at 4 tiles (2..12 within 4 %). Returns the value set."""
+    require()
+    if tiles < 0:
+        raise ValueError(f"prefetch distance must be >= 0 tiles, got {tiles}")
+    return int(torch.ops.gemma_mobile.packed_prefetch(tiles))
 
 
 def int_mm(xq: torch.Tensor, w: PackedWeight) -> torch.Tensor:

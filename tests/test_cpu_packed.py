@@ -5,6 +5,7 @@ the weight-only path is checked against an f64 product with its derived f32 summ
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,45 @@ def test_amx_and_512_bit_paths_equal_the_exact_product(bits):
                 assert torch.equal(cpu_packed.int_mm(x, layout.from_int(q, bits)), exact), (m, n, k, on)
     finally:
         cpu_packed.set_amx(os.environ.get(cpu_packed.AMX_ENV, "1") != "0")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_m1_prefetch_distance_changes_no_result(bits):
+    """The M == 1 kernels' software prefetch (`set_prefetch`, default 4 tiles) only reads ahead: with it off, at the
+    default and far beyond a thread's range (64 tiles = 256 rows), the integer product stays exact and the weight-only
+    float product bitwise the same, for N below, at and past a tile / a prefetch window (1, 4, 17, 1000)."""
+    default = cpu_packed.set_prefetch(4)
+    assert torch.ops.gemma_mobile.packed_prefetch(-1) == 4
+    try:
+        for n, k in [(1, 640), (4, 200), (17, 257), (1000, 640)]:
+            q = _codes(n, k, bits, n + k)
+            w = layout.from_int(q, bits)
+            x = torch.randint(-128, 128, (1, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+            xf = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
+            exact = (x.long() @ q.long().t()).int()
+            floats = []
+            for pd in (0, 4, 64):
+                assert cpu_packed.set_prefetch(pd) == pd
+                assert torch.equal(cpu_packed.int_mm(x, w), exact), (n, k, pd)
+                floats.append(cpu_packed.float_mm(xf, w))
+            assert all(torch.equal(f, floats[0]) for f in floats), (n, k)
+        with pytest.raises(ValueError, match="prefetch"):
+            cpu_packed.set_prefetch(-1)
+    finally:
+        cpu_packed.set_prefetch(default)
+
+
+def test_malformed_prefetch_switch_is_an_error_not_a_fallback():
+    """GEMMA_MOBILE_PREFETCH_TILES=abc must raise at load (a swallowed error would make the plugin fall back to a
+    slower backend and only log it)."""
+    import subprocess
+    import sys
+
+    code = "from kernels import cpu_packed; cpu_packed.status()"
+    env = dict(os.environ, GEMMA_MOBILE_PREFETCH_TILES="abc")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode != 0 and "GEMMA_MOBILE_PREFETCH_TILES='abc'" in r.stderr
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
