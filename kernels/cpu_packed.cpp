@@ -256,7 +256,7 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int
               kp * bits / 32, " for K=", k, " at ", bits, " bits");
 }
 
-std::atomic<int64_t> g_prefetch_tiles{4};  // M == 1 software prefetch distance in tiles (packed_prefetch)
+std::atomic<int64_t> g_prefetch_tiles{4};  // software prefetch distance in tiles of the M == 1 / M > 1 loops (packed_prefetch)
 
 // The tiled loop of both paths, storing through `store(i, r, acc)` (i: activation row, r: output column).
 // X = int8_t (raw sums of u*x, see dot_int) or float; M == 1: 4 weight rows share each activation load; M > 1:
@@ -416,12 +416,20 @@ void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, co
   pair_order(xp, m, kp, FPB, ng, x2, rowb);
   const int64_t mb = std::max<int64_t>(kZR, (int64_t)(96 * 1024) / rowb / kZR * kZR);
   const int64_t tiles = (n + kZR - 1) / kZR;
+  const int64_t pd = g_prefetch_tiles.load(std::memory_order_relaxed);  // as tiled_mm's M == 1 loop
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     alignas(64) int32_t res[kZR * kZR];
     constexpr int32_t kOff = BITS == 8 ? 128 : (1 << (BITS - 1));  // sum(q * x) = sum(u * x) - kOff * sum(x)
+    const char* wc = reinterpret_cast<const char*>(w);
+    const int64_t tb = kZR * rb, end = std::min<int64_t>(t1 * kZR, n) * rb;
+    auto fetch = [&](int64_t a, int64_t b) {
+      for (int64_t o = a; o < std::min(b, end); o += 64) _mm_prefetch(wc + o, _MM_HINT_T0);
+    };
     for (int64_t b0 = 0; b0 < m; b0 += mb) {
       const int64_t b1 = std::min(m, b0 + mb);
+      if (pd > 0) fetch(t0 * tb, (t0 + pd) * tb);
       for (int64_t t = t0; t < t1; ++t) {
+        if (pd > 0) fetch((t + pd) * tb, (t + pd + 1) * tb);
         const int64_t n0 = t * kZR, nr = std::min<int64_t>(kZR, n - n0);
         for (int64_t i0 = b0; i0 < b1; i0 += kZR) {
           const int64_t mr = std::min<int64_t>(kZR, b1 - i0);
@@ -839,7 +847,8 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, in
   return out;
 }
 
-// The M == 1 software prefetch distance in 4-row tiles (0: off): tiles >= 0 sets it, -1 only asks.
+// The software prefetch distance in 4-row tiles (tiled_mm's M == 1 loop, int_mm_zmm; 0: off): tiles >= 0 sets it,
+// -1 only asks.
 int64_t packed_prefetch(int64_t tiles) {
   if (tiles >= 0) g_prefetch_tiles.store(tiles);
   return g_prefetch_tiles.load();

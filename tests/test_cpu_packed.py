@@ -81,23 +81,25 @@ def test_amx_and_512_bit_paths_equal_the_exact_product(bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_m1_prefetch_distance_changes_no_result(bits):
-    """The M == 1 kernels' software prefetch (`set_prefetch`, default 4 tiles) only reads ahead: with it off, at the
-    default and far beyond a thread's range (64 tiles = 256 rows), the integer product stays exact and the weight-only
-    float product bitwise the same, for N below, at and past a tile / a prefetch window (1, 4, 17, 1000)."""
+def test_prefetch_distance_changes_no_result(bits):
+    """The software prefetch of the M == 1 and M > 1 (512-bit) loops (`set_prefetch`, default 4 tiles) only reads
+    ahead: with it off, at the default and far beyond a thread's range (64 tiles = 256 rows), the integer product
+    stays exact (M = 1, 4, 16) and the weight-only float product bitwise the same, for N below, at and past a tile /
+    a prefetch window (1, 4, 17, 1000)."""
     default = cpu_packed.set_prefetch(4)
     assert torch.ops.gemma_mobile.packed_prefetch(-1) == 4
     try:
         for n, k in [(1, 640), (4, 200), (17, 257), (1000, 640)]:
             q = _codes(n, k, bits, n + k)
             w = layout.from_int(q, bits)
-            x = torch.randint(-128, 128, (1, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+            x = torch.randint(-128, 128, (16, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
             xf = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
             exact = (x.long() @ q.long().t()).int()
             floats = []
             for pd in (0, 4, 64):
                 assert cpu_packed.set_prefetch(pd) == pd
-                assert torch.equal(cpu_packed.int_mm(x, w), exact), (n, k, pd)
+                for m in (1, 4, 16):
+                    assert torch.equal(cpu_packed.int_mm(x[:m], w), exact[:m]), (n, k, pd, m)
                 floats.append(cpu_packed.float_mm(xf, w))
             assert all(torch.equal(f, floats[0]) for f in floats), (n, k)
         with pytest.raises(ValueError, match="prefetch"):
