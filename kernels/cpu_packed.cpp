@@ -258,6 +258,12 @@ void check_args(const at::Tensor& x, const at::Tensor& packed, int64_t bits, int
 
 std::atomic<int64_t> g_prefetch_tiles{4};  // software prefetch distance in tiles of the M == 1 / M > 1 loops (packed_prefetch)
 
+// Software prefetch of the weight bytes [a, min(b, end)) into L1 (one hint per 64-byte line). Both integer loops read
+// their thread's tiles (kNR / kZR contiguous rows each) in order and call this for the tile `pd` ahead.
+inline void prefetch_bytes(const uint8_t* w, int64_t a, int64_t b, int64_t end) {
+  for (int64_t o = a; o < std::min(b, end); o += 64) _mm_prefetch(reinterpret_cast<const char*>(w + o), _MM_HINT_T0);
+}
+
 // The tiled loop of both paths, storing through `store(i, r, acc)` (i: activation row, r: output column).
 // X = int8_t (raw sums of u*x, see dot_int) or float; M == 1: 4 weight rows share each activation load; M > 1:
 // one weight row is unpacked once per group for up to kMR activation rows.
@@ -290,14 +296,10 @@ void tiled_mm(const X* xp, int64_t m, int64_t kp, const uint8_t* w, int64_t n, c
   const int64_t pd = g_prefetch_tiles.load(std::memory_order_relaxed);
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
     R res[kNR];
-    const char* wc = reinterpret_cast<const char*>(w);
     const int64_t tb = kNR * rb, end = std::min<int64_t>(t1 * kNR, n) * rb;  // bytes per tile, end of this range
-    auto fetch = [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < std::min(b1, end); b += 64) _mm_prefetch(wc + b, _MM_HINT_T0);
-    };
-    if (pd > 0) fetch(t0 * tb, (t0 + pd) * tb);
+    if (pd > 0) prefetch_bytes(w, t0 * tb, (t0 + pd) * tb, end);
     for (int64_t t = t0; t < t1; ++t) {
-      if (pd > 0) fetch((t + pd) * tb, (t + pd + 1) * tb);
+      if (pd > 0) prefetch_bytes(w, (t + pd) * tb, (t + pd + 1) * tb, end);
       const int64_t n0 = t * kNR, nr = std::min<int64_t>(kNR, n - n0);
       if constexpr (std::is_same_v<X, float>) {
         if (nr == kNR) dot_float<BITS, kNR>(w + n0 * rb, rb, xp, ng, res);
@@ -420,16 +422,12 @@ void int_mm_zmm(const int8_t* xp, int64_t m, int64_t kp, const int32_t* xsum, co
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     alignas(64) int32_t res[kZR * kZR];
     constexpr int32_t kOff = BITS == 8 ? 128 : (1 << (BITS - 1));  // sum(q * x) = sum(u * x) - kOff * sum(x)
-    const char* wc = reinterpret_cast<const char*>(w);
     const int64_t tb = kZR * rb, end = std::min<int64_t>(t1 * kZR, n) * rb;
-    auto fetch = [&](int64_t a, int64_t b) {
-      for (int64_t o = a; o < std::min(b, end); o += 64) _mm_prefetch(wc + o, _MM_HINT_T0);
-    };
     for (int64_t b0 = 0; b0 < m; b0 += mb) {
       const int64_t b1 = std::min(m, b0 + mb);
-      if (pd > 0) fetch(t0 * tb, (t0 + pd) * tb);
+      if (pd > 0) prefetch_bytes(w, t0 * tb, (t0 + pd) * tb, end);
       for (int64_t t = t0; t < t1; ++t) {
-        if (pd > 0) fetch((t + pd) * tb, (t + pd + 1) * tb);
+        if (pd > 0) prefetch_bytes(w, (t + pd) * tb, (t + pd + 1) * tb, end);
         const int64_t n0 = t * kZR, nr = std::min<int64_t>(kZR, n - n0);
         for (int64_t i0 = b0; i0 < b1; i0 += kZR) {
           const int64_t mr = std::min<int64_t>(kZR, b1 - i0);
