@@ -269,3 +269,17 @@ def test_gptq_table_variant_lowers_the_lm_head_error(mobile_tiny_gemma3, tiny_ge
 
     err = {name: float((x @ (table(t) - w).T).square().sum()) for name, t in (("rtn", src), ("gptq", new))}
     assert err["gptq"] < err["rtn"], err
+
+
+def test_lm_head_calibration_refuses_an_invalid_input_scale():
+    """Calibration inputs of the lm_head with no finite range (NaN activations, as a broken upstream output hook
+    produces) give a QuantizeError naming the lm_head, not a bare scale error from the kernels later."""
+    import torch
+
+    from vllm_gemma_mobile.quantize.checkpoint import QuantizeError
+    from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
+
+    cal = LMHeadCalibration("input", "static_minmax")
+    cal.hook(None, (torch.full((1, 4, 8), float("nan"), dtype=torch.bfloat16),), None)
+    with pytest.raises(QuantizeError, match=r"embed_tokens \(lm_head\) input_scale = nan"):
+        cal.finish(None)

@@ -62,6 +62,9 @@ class LMHeadCalibration:
             raise RuntimeError("lm_head calibration saw no lm_head forward: the calibration pipeline never ran the "
                                "lm_head, so its static scales cannot be calibrated (set lm_head_scales: none)")
         s_x = _bf16_value(self._input.get_qparams()["scale"])
+        if invalid_scales(torch.tensor(s_x)):  # the same rule as the served check, named here, before any use
+            raise QuantizeError(f"{name} (lm_head) input_scale = {s_x}: its calibration inputs had no finite, non-zero "
+                                "range, so the static lm_head scales cannot be calibrated; nothing was saved")
         out: dict[str, float] = {"input_scale": s_x}
         if self.mode == "both":
             h = torch.cat(self._inputs)
