@@ -96,19 +96,29 @@ def vllm_bf16_linear(wb: torch.Tensor):
     return lambda x: layer.cpu_linear(x, layer.weight, None)
 
 
-def profile(ckpt: Path, ms: list[int], reps: int) -> dict:
+def _items(ckpt: Path) -> list[tuple[str, int, int, int, int, bool]]:
+    """(kind, n, k, bits, count per token, int8 activations) of every matmul of a decode step, the lm_head last."""
     counts, extra = checkpoint_linears(ckpt)
-    rows = []
     items = [(kind, n, k, bits, c, True) for (kind, n, k, bits), c in sorted(counts.items())]
     t = extra["table"]
     if t is not None:
         items.append(("lm_head (tied table)", t["n"], t["k"], t["bits"], 1, extra["lm_head_srq"]))
-    for kind, n, k, bits, count, int8_act in items:
-        w = _weight(n, k, bits)
-        ws = torch.rand(n) * 0.01 + 1e-3
-        sx = torch.tensor([0.05]) if int8_act else None
-        so = torch.tensor([0.1]) if int8_act else None
-        cs = (sx * ws).contiguous() if int8_act else ws
+    return items
+
+
+def _operands(n: int, k: int, bits: int, int8_act: bool) -> tuple:
+    """A random packed weight and its scales prepared as the plugin does at load: (w, col_scale, s_x, s_y)."""
+    w = _weight(n, k, bits)
+    ws = torch.rand(n) * 0.01 + 1e-3
+    sx = torch.tensor([0.05]) if int8_act else None
+    so = torch.tensor([0.1]) if int8_act else None
+    return w, (sx * ws).contiguous() if int8_act else ws, sx, so
+
+
+def profile(ckpt: Path, ms: list[int], reps: int) -> dict:
+    rows = []
+    for kind, n, k, bits, count, int8_act in _items(ckpt):
+        w, cs, sx, so = _operands(n, k, bits, int8_act)
         wb = torch.randn(n, k, dtype=torch.bfloat16)
         vl = vllm_bf16_linear(wb)
         for m in ms:
@@ -134,21 +144,10 @@ def step(ckpt: Path, ms: list[int], reps: int) -> dict:
     from memory instead of staying in cache the way one shape timed in a loop does (``profile``). Per module kind:
     ms per step, summed over its calls (best of ``reps`` steps); packed vs vLLM's bf16 linear (None without vLLM).
     Holds one bf16 copy of every matrix: meant for the 270M, not for E2B (~10 GB)."""
-    counts, extra = checkpoint_linears(ckpt)
-    items = [(kind, n, k, bits, c, True) for (kind, n, k, bits), c in sorted(counts.items(), key=lambda kv: kv[0][0])]
-    t = extra["table"]
-    if t is not None:
-        items.append(("lm_head (tied table)", t["n"], t["k"], t["bits"], 1, extra["lm_head_srq"]))
-    mats: dict[tuple, list] = {}
-    for kind, n, k, bits, count, int8_act in items:
-        mats[(kind, n, k, bits)] = []
-        for _ in range(count):
-            w = _weight(n, k, bits)
-            ws = torch.rand(n) * 0.01 + 1e-3
-            sx = torch.tensor([0.05]) if int8_act else None
-            so = torch.tensor([0.1]) if int8_act else None
-            cs = (sx * ws).contiguous() if int8_act else ws
-            mats[(kind, n, k, bits)].append((w, cs, sx, so, vllm_bf16_linear(torch.randn(n, k, dtype=torch.bfloat16))))
+    items = _items(ckpt)
+    mats = {(kind, n, k, bits): [(*_operands(n, k, bits, int8_act),
+                                  vllm_bf16_linear(torch.randn(n, k, dtype=torch.bfloat16))) for _ in range(count)]
+            for kind, n, k, bits, count, int8_act in items}
     depth = max(c for *_, c, _ in items)
     order = [(key, i) for i in range(depth) for key in mats if i < len(mats[key])]  # layer by layer, like the model
     out: dict = {"checkpoint": str(ckpt), "threads": torch.get_num_threads(), "mode": "step (cold cache)", "m": {}}

@@ -274,9 +274,6 @@ def test_gptq_table_variant_lowers_the_lm_head_error(mobile_tiny_gemma3, tiny_ge
 def test_lm_head_calibration_refuses_an_invalid_input_scale():
     """Calibration inputs of the lm_head with no finite range (NaN activations, as a broken upstream output hook
     produces) give a QuantizeError naming the lm_head, not a bare scale error from the kernels later."""
-    import torch
-
-    from vllm_gemma_mobile.quantize.checkpoint import QuantizeError
     from vllm_gemma_mobile.quantize.lm_head import LMHeadCalibration
 
     cal = LMHeadCalibration("input", "static_minmax")
