@@ -241,6 +241,28 @@ def test_fused_linear_rounds_ties_like_reference(dtype, m):
         assert torch.equal(got, ref), kw
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_input_quantization_read_in_x_dtype(dtype):
+    """The fused linear quantizes x straight from its dtype (no f32 copy): 16-lane body and scalar tail (M*K = 3*100
+    is not a multiple of 16), .5 ties, values past the int8 clamp, subnormal-sized values and a non-contiguous x
+    must all give the reference's codes exactly."""
+    n, k, m, bits = 24, 100, 3, 4
+    w = layout.from_int(_codes(n, k, bits, 7), bits)
+    ws = torch.full((n,), 2.0 ** -6)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-300, 300, (m, k), generator=g).float() + 0.5) * 2.0 ** -4  # x / s_x: exact .5 ties
+    x[0, :5] = torch.tensor([1e4, -1e4, 2.0 ** -20, -(2.0 ** -20), 0.0])  # clamps and values that round to 0
+    x[2, -3:] = torch.tensor([9.03125, -8.96875, -8.03125])  # in the scalar tail: 144.5 (clamp), -143.5, -128.5
+    x = x.to(dtype)
+    xt = x.t().contiguous().t()  # the same values, column-major
+    assert not xt.is_contiguous()
+    for xi in (x, xt):
+        for kw in ({"output_scale": torch.tensor(2.0 ** -3)}, {}):
+            ref = ops.linear(xi, w, ws, 2.0 ** -4, backend="torch", **kw)
+            got = ops.linear(xi, w, ws, 2.0 ** -4, backend="packed", **kw)
+            assert torch.equal(got, ref), (xi.is_contiguous(), kw)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_load_conversion_in_row_chunks_equals_whole(monkeypatch, bits):
     """from_compressed_tensors / from_int convert big tables in row chunks (bounded load-time memory): the result

@@ -112,9 +112,13 @@ class GemmaMobileKVImpl(AttentionImpl):
         self._ks = torch.tensor(k_scale, dtype=torch.float32)
         self._vs = torch.tensor(v_scale, dtype=torch.float32)
 
-    def _scales(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """f32 k/v scale tensors on `device` (moved once, not per call: no host->device copy in the step)."""
+    def _scales(self, device: torch.device) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The k/v scales for the kernels on `device`: on CPU the f32 values as Python floats (the C++ kernels take
+        floats: no tensor ops per call), elsewhere f32 tensors on `device` (moved once, not per call: no
+        host->device copy in the step)."""
         ks, vs = self._loaded_scales()
+        if device.type == "cpu":
+            return self.k_scale, self.v_scale
         if ks.device != device:
             self._ks, self._vs = ks.to(device), vs.to(device)
         return self._ks, self._vs
