@@ -16,8 +16,9 @@
 #    1 kv head, head_dim 256 int8 and 512 int4, vs bf16 SDPA on the same data (~20-30 s); writes kvcache_bench.json.
 # 5. kernels.tune (only when TUNE_CASES is set, e.g. e2b.gate_up:4:16,e4b.down:2:256): a wider config grid of the
 #    GEMM and the GEMV per case, each config bitwise-checked; compiled in parallel in step 0; writes tune.json.
+# 6. QAT on the GPU (RUN_QAT=1, default): tests/test_qat.py -k on_cuda (~1 min; written 2026-12-03, not yet run on a device).
 # Knobs: BENCH_MS (default 1,16,256,4,64), BENCH_SHAPES, BENCH_KINDS (linear,lm_head,lm_head_a8), GEMLITE_MAX_M (16),
-# WARM_JOBS (1 = on), RUN_PARITY / RUN_PLUGIN / RUN_KV (1 = on).
+# WARM_JOBS (1 = on), RUN_PARITY / RUN_PLUGIN / RUN_KV / RUN_QAT (1 = on).
 # Uses $PYTHON (default python3) with a CUDA torch + triton. Exit status: non-zero if the parity tests failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,6 +110,13 @@ if [ "${RUN_KV:-1}" = 1 ]; then
       2>&1 | tee "$OUT/kvcache_bench.log" | tail -12
   kstatus=${PIPESTATUS[0]}
 fi
-echo "parity exit=$status plugin check exit=$pstatus bench exit=$bstatus kv bench exit=$kstatus; results in $OUT"
-for s in $status $pstatus $bstatus $kstatus; do [ "$s" != 0 ] && exit "$s"; done
+qstatus=0
+if [ "${RUN_QAT:-1}" = 1 ] && "$PY" -c "import pytest" 2>/dev/null; then
+  # QAT on the GPU (`device: auto`): a tiny Gemma 3 trained 12 steps on CUDA, loss falls, same export as the CPU's
+  timeout "${QAT_TIMEOUT_S:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/test_qat.py -k on_cuda 2>&1 \
+      | tee "$OUT/qat_cuda.log" | tail -5
+  qstatus=${PIPESTATUS[0]}
+fi
+echo "parity exit=$status plugin check exit=$pstatus bench exit=$bstatus kv bench exit=$kstatus qat exit=$qstatus; results in $OUT"
+for s in $status $pstatus $bstatus $kstatus $qstatus; do [ "$s" != 0 ] && exit "$s"; done
 exit 0

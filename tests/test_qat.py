@@ -97,9 +97,26 @@ def test_qat_resumes_where_it_stopped(qat_setup):
     opts = QATOptions(**OPTS)
     part = run_qat(base, ptq, d / "r", opts, max_steps=5)  # stops after 5 steps, state saved, no export
     assert part["steps_done"] == 5 and not (d / "r" / "model.safetensors").exists()
-    full = run_qat(base, ptq, d / "r", opts)               # the same command continues from step 5
+    changed = QATOptions(**{**OPTS, "lr_weights": 2 * opts.lr_weights})
+    with pytest.raises(ValueError, match=r"other options \(lr_weights\)"):  # a different trajectory: refused
+        run_qat(base, ptq, d / "r", changed)
+    # the same command continues from step 5; a larger time budget / other save and monitor cadence may be given
+    full = run_qat(base, ptq, d / "r", QATOptions(**{**OPTS, "time_budget_min": 60.0, "save_every": 3}))
     straight = run_qat(base, ptq, d / "s", opts)
     assert full["losses"] == straight["losses"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (kernels/run_gpu_checks.sh runs it)")
+def test_qat_on_cuda_trains_and_exports(qat_setup):
+    """`device: auto` trains on the GPU: the loss falls as on the CPU and the export is the same checkpoint layout
+    (same tensor names, dtypes and shapes), written from CPU tensors."""
+    base, ptq, d = qat_setup
+    g = run_qat(base, ptq, d / "cuda", QATOptions(**OPTS, device="auto"))
+    assert g["losses"][-1] < 0.7 * g["losses"][0], g["losses"]
+    c = run_qat(base, ptq, d / "cpu", QATOptions(**OPTS, device="cpu"))
+    tg, tc = checkpoint_tensors(d / "cuda"), checkpoint_tensors(d / "cpu")
+    assert {k: (v.dtype, v.shape) for k, v in tg.items()} == {k: (v.dtype, v.shape) for k, v in tc.items()}
+    assert abs(g["losses"][0] - c["losses"][0]) < 0.05 * c["losses"][0]  # same start, same batch (f32 rounding only)
 
 
 def test_qat_bad_options_fail_clearly():
@@ -107,6 +124,12 @@ def test_qat_bad_options_fail_clearly():
         QATOptions.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="lm_head_scales"):
         QATOptions.from_dict({"lm_head_scales": "output"})
+    with pytest.raises(ValueError, match="device='tpu'"):
+        QATOptions.from_dict({"device": "tpu"})
+    assert QATOptions.from_dict({}).torch_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():  # asked for a GPU that is not there: an error, not a silent CPU run
+        with pytest.raises(ValueError, match="no CUDA device"):
+            QATOptions.from_dict({"device": "cuda"})
 
 
 def test_qat_checkpoint_is_served_by_vllm(qat_setup):

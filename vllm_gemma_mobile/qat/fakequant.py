@@ -141,6 +141,10 @@ class QATTable(torch.nn.Module):
     def row_scale(self) -> torch.Tensor:
         return self.row_scale0 * self.row_rel
 
+    def _apply(self, fn, *args, **kwargs):  # `.to(device)` / `.cpu()`: the frozen cache is rebuilt where the table is
+        self._frozen = None
+        return super()._apply(fn, *args, **kwargs)
+
     def _codes_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer-valued f32 codes [V, K], row scales [V, 1]); computed once when the table is frozen."""
         if not self.trainable:

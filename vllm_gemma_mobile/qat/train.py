@@ -9,7 +9,8 @@ learned, LSQ), the tied table by `QATTable` (both roles: gathered rows and the l
 scale (and optionally output scale) is initialised from the observed range and learned), and the KV cache's
 int8 / int4 fake quant with PTQ's static k/v scales (straight-through, scales fixed). Loss: KL(teacher || student)
 of the next-token distributions, teacher = BASE in f32. Data: the calibration plays only. Deterministic for a
-seed; resumable (`qat_state.pt` in DIR every `save_every` steps; rerun the same command to continue).
+seed; resumable (`qat_state.pt` in DIR every `save_every` steps; rerun the same command to continue, with a larger
+`time_budget_min` to extend a run its budget stopped).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class QATOptions:
     eval_every: int = 10                 # KL on a fixed held-out calibration batch (monitor), every N steps
     n_sequences: int = 256               # distinct calibration sequences cycled through (tests: one batch)
     threads: int | None = None
+    device: str = "auto"                 # "auto": the GPU when torch sees one, else the CPU; or "cpu", "cuda[:N]"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QATOptions":
@@ -63,7 +65,25 @@ class QATOptions:
             raise ValueError(f"lm_head_scales={opts.lm_head_scales!r}: expected input, both or none")
         if opts.steps <= 0 or opts.batch <= 0 or opts.seq_len < 8:
             raise ValueError("steps and batch must be positive, seq_len >= 8")
+        opts.torch_device()  # validates `device`
         return opts
+
+    def torch_device(self) -> torch.device:
+        """The device training runs on (`device`); a GPU asked for but absent is an error, not a CPU run."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda[:N]")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}: torch sees no CUDA device here")
+        return dev
+
+
+# Options a resumed run may change: they decide when to stop, save, monitor, and where and on how many threads it
+# computes, not the trajectory (e.g. rerun with a larger `time_budget_min` to continue a run its budget stopped;
+# another device continues the same math, equal up to that device's f32 rounding).
+_RESUME_FREE = frozenset({"time_budget_min", "save_every", "eval_every", "threads", "device"})
 
 
 def load_qat_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> QATOptions:
@@ -216,17 +236,24 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
     order = list(range(len(seqs)))
     random.Random(opts.seed).shuffle(order)
     init_batches = [torch.tensor([seqs[i] for i in order[:opts.batch]])]
+    dev = opts.torch_device()
     student, summary = build_student(base, init, opts, init_batches)
     teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().requires_grad_(False)
+    student.to(dev)
+    teacher.to(dev)
+    monitor_ids = monitor_ids.to(dev)
+    logger.info("QAT on %s", dev)
     groups = _param_groups(student, opts)
     optim = torch.optim.Adam(groups, betas=(0.9, 0.95))
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "qat_state.pt"
     step, losses, elapsed0, monitor = 0, [], 0.0, []
     if state_file.exists():
-        st = torch.load(state_file, weights_only=False)
-        if st["options"] != asdict(opts):
-            raise ValueError(f"{state_file} was written with other options; remove it to start over")
+        st = torch.load(state_file, weights_only=False, map_location=dev)
+        changed = sorted(k for k, v in asdict(opts).items() if k not in _RESUME_FREE and st["options"].get(k) != v)
+        if changed:
+            raise ValueError(f"{state_file} was written with other options ({', '.join(changed)}); "
+                             "remove it to start over")
         student.load_state_dict(st["student"], strict=False)
         optim.load_state_dict(st["optim"])
         step, losses, elapsed0, monitor = st["step"], st["losses"], st["elapsed_s"], st["monitor"]
@@ -258,7 +285,7 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
             logger.info("QAT time budget of %.1f min reached at step %d", opts.time_budget_min, step)
             break
         idx = [order[(step * opts.batch + j) % len(order)] for j in range(opts.batch)]
-        ids = torch.tensor([seqs[i] for i in idx])
+        ids = torch.tensor([seqs[i] for i in idx], device=dev)
         lr_mult = min(1.0, (step + 1) / max(opts.warmup_steps, 1)) * \
             0.5 * (1 + math.cos(math.pi * step / opts.steps))
         for g in optim.param_groups:
@@ -289,7 +316,7 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
     summary.update({"steps_done": step, "losses": losses, "heldout_kl": monitor, "train_s": round(elapsed0 + time.time() - t0, 1),
                     "options": asdict(opts)})
     if step >= opts.steps or max_steps is None:
-        export(student, init, out, summary)
+        export(student.cpu(), init, out, summary)
     return summary
 
 
