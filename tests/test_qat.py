@@ -19,6 +19,8 @@ from kernels.layout import from_int  # noqa: E402
 from vllm_gemma_mobile.qat.fakequant import QATLinear, QATTable  # noqa: E402
 from vllm_gemma_mobile.qat.train import QATOptions, run_qat  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
@@ -119,6 +121,22 @@ def test_qat_on_cuda_trains_and_exports(qat_setup):
     assert abs(g["losses"][0] - c["losses"][0]) < 0.05 * c["losses"][0]  # same start, same batch (f32 rounding only)
 
 
+def test_qat_exports_what_it_trained_besides_the_quantized_modules(qat_setup):
+    """The norms are trained (lr_norms) and served as bf16 floats: the export writes the trained values, each the
+    bf16 rounding of the student's f32 parameter (until 2026-12-03 it kept PTQ's, so the served model was not the
+    trained one)."""
+    base, ptq, d = qat_setup
+    out = d / "norms"
+    run_qat(base, ptq, out, QATOptions(**{**OPTS, "lr_norms": 1e-2}))
+    trained = torch.load(out / "qat_state.pt", weights_only=False)["student"]
+    tq, tp = checkpoint_tensors(out), checkpoint_tensors(ptq)
+    norms = [k for k in tp if k.endswith("norm.weight")]
+    assert norms and all(k in trained for k in norms)
+    for k in norms:
+        assert torch.equal(tq[k], trained[k].to(tq[k].dtype)), k
+    assert all(not torch.equal(tq[k], tp[k]) for k in norms)
+
+
 def test_qat_bad_options_fail_clearly():
     with pytest.raises(ValueError, match="unknown QAT option"):
         QATOptions.from_dict({"stepz": 3})
@@ -158,6 +176,58 @@ def test_qat_checkpoint_is_served_by_vllm(qat_setup):
     finally:
         del llm
     model, _ = load_reference(out)  # served numerics, int8/int4 KV fake quant like the engine's cache
+    cases = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
+              [dd[t].logprob for t, dd in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
+    print(compare_greedy(model, cases, max_lp_diff=0.35))
+
+
+@pytest.fixture(scope="module")
+def qat_setup_gemma4(tiny_gemma4, tmp_path_factory):
+    from vllm_gemma_mobile.quantize.run import quantize
+
+    d = tmp_path_factory.mktemp("qat4")
+    ptq = quantize(tiny_gemma4, REPO / "recipes" / "gemma4_e2b_mobile_ptq.yaml", d / "ptq", num_samples=4, seq_len=64)
+    return tiny_gemma4, ptq, d
+
+
+def test_qat_gemma4_trains_and_is_served_by_vllm(qat_setup_gemma4):
+    """Gemma 4 (E2B-like: KV-shared layers with 2-bit double-wide MLPs, a per-layer table): every quantized module is
+    trained (linears, the tied table with both lm_head scales, as the Gemma 4 recipe sets) or frozen at its served
+    values (the per-layer table: its student rows are the served bf16 rows, and the export keeps its tensors bit for
+    bit); the loss falls; vLLM serves the export through the plugin with greedy tokens equal to the reference."""
+    from vllm_gemma_mobile.contract import read_contract
+    from vllm_gemma_mobile.evaluate.reference import load_reference, served_embedding_rows
+    from vllm_gemma_mobile.qat.train import build_student, load_qat_recipe
+
+    base, ptq, d = qat_setup_gemma4
+    assert load_qat_recipe(REPO / "recipes" / "gemma4_mobile_qat.yaml").lm_head_scales == "both"
+    opts = QATOptions(**{**OPTS, "lm_head_scales": "both"})
+    ple = "model.embed_tokens_per_layer"
+    student, summary = build_student(base, ptq, opts, [torch.randint(3, 500, (2, 64))])
+    assert summary["frozen_tables"] == [ple]
+    w = student.get_submodule(ple).weight
+    assert not w.requires_grad and torch.equal(w, served_embedding_rows(read_contract(ptq), ple).bfloat16().float())
+    out = d / "q"
+    r = run_qat(base, ptq, out, opts)
+    assert r["losses"][-1] < 0.7 * r["losses"][0], r["losses"]
+    tq, tp = checkpoint_tensors(out), checkpoint_tensors(ptq)
+    assert tq.keys() == tp.keys()
+    assert all(torch.equal(tq[k], tp[k]) for k in tp if k.startswith(ple + "."))
+    # the 2-bit double-wide MLP of a KV-shared layer is trained (12 steps move its learned scales; its 2-bit codes
+    # need larger steps to cross a rounding boundary)
+    assert not torch.equal(tq["model.layers.4.mlp.down_proj.weight_scale"], tp["model.layers.4.mlp.down_proj.weight_scale"])
+    head = json.loads((out / "config.json").read_text())["quantization_config"]["gemma_mobile"]["lm_head"]
+    assert head["input_scale"] > 0 and head["output_scale"] > 0
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(str(out), enforce_eager=True, max_model_len=256, dtype="bfloat16", seed=0)
+    try:
+        prompts = [[2, 17, 300, 41], [2, 99, 5, 600, 7, 12]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1))
+    finally:
+        del llm
+    model, _ = load_reference(out)
     cases = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids),
               [dd[t].logprob for t, dd in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]) for o in outs]
     print(compare_greedy(model, cases, max_lp_diff=0.35))

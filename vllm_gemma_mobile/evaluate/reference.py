@@ -109,6 +109,18 @@ def install_lm_head_srq(model: torch.nn.Module, head) -> None:
         lm.register_forward_hook(lambda m, args, out: fake_quant_kv(out, sy, 8))
 
 
+def served_embedding_rows(contract: CheckpointContract, name: str) -> torch.Tensor:
+    """The f32 rows `q * s` of the quantized embedding table `name` (one scale per row, or per row and group for a
+    per-layer table): what the plugin's gather returns before rounding to the activation dtype."""
+    from kernels.layout import from_compressed_tensors
+
+    spec = contract.modules[name]
+    pw = from_compressed_tensors(contract.load(f"{name}.weight_packed"), spec.bits, list(spec.shape)).with_codes(torch.int8)
+    ws = contract.load(f"{name}.weight_scale").float().reshape(-1)
+    g = ws.numel() // pw.n
+    return (pw.codes.float().view(pw.n, g, -1) * ws.view(pw.n, g, 1)).view(pw.n, pw.k)
+
+
 def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract) -> dict[str, int]:
     """Replace the fake quant of every quantized module by the contract's exact numerics, i.e. what the vLLM plugin
     serves (`kernels.reference`, the plugin's torch backend, bit for bit on CPU):
@@ -137,11 +149,9 @@ def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract
         spec = contract.modules.get(name)
         if spec is None or getattr(m, "quantization_scheme", None) is None:
             continue
-        pw, ws = packed(spec)
         if isinstance(m, torch.nn.Embedding):
-            g = ws.numel() // pw.n
-            rows = (pw.codes.float().view(pw.n, g, -1) * ws.view(pw.n, g, 1)).view(pw.n, pw.k)
-            m.weight.data = rows.to(m.weight.dtype)
+            pw, ws = packed(spec)
+            m.weight.data = served_embedding_rows(contract, name).to(m.weight.dtype)
             counts["served_embeddings"] += 1
             if m is emb and model.get_output_embeddings() is not None \
                     and model.get_output_embeddings().weight is m.weight:
@@ -152,6 +162,7 @@ def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract
                 lm = model.get_output_embeddings()
                 lm.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy: kref.linear(x, pw, ws, sx, sy)
             continue
+        pw, ws = packed(spec)
         sx, sy = scale(spec.input_scale), scale(spec.output_scale)
         bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
         m.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy, b=bias: kref.linear(x, pw, ws, sx, sy, b)

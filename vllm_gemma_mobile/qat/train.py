@@ -1,7 +1,10 @@
-"""QAT of a Gemma 3 mobile checkpoint: PTQ initialisation, distillation from the bf16 teacher, export in the same
-compressed-tensors layout (served by the plugin unchanged).
+"""QAT of a Gemma 3 or Gemma 4 mobile checkpoint: PTQ initialisation, distillation from the bf16 teacher, export in
+the same compressed-tensors layout (served by the plugin unchanged): QAT's codes and scales, the lm_head scales, and
+every other trained parameter (norms) in the checkpoint's dtype. Gemma 4's per-layer table is frozen at its served
+rows.
 
     gemma-mobile qat BASE --init PTQ_DIR --out DIR [--recipe recipes/gemma3_mobile_qat.yaml] [--set KEY=VALUE]
+    (Gemma 4: --recipe recipes/gemma4_mobile_qat.yaml)
 
 Student: BASE's float model with every quantized linear of PTQ_DIR replaced by `QATLinear` (latent weights
 initialised to PTQ's dequantized `q * s`, so the first forward is PTQ's model; weight, input and output scales
@@ -133,13 +136,14 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
 
     from kernels import bitpack
     from vllm_gemma_mobile.contract import read_contract
-    from vllm_gemma_mobile.evaluate.reference import install_kv_fake_quant, kv_specs, mobile_metadata, read_config
+    from vllm_gemma_mobile.evaluate.reference import (install_kv_fake_quant, kv_specs, mobile_metadata, read_config,
+                                                      served_embedding_rows)
 
     cfg = read_config(ptq)
     if mobile_metadata(cfg) is None:
         raise ValueError(f"{ptq}: not a gemma-mobile checkpoint (quantization_config.gemma_mobile missing)")
-    if "gemma3" not in cfg.get("model_type", ""):
-        raise ValueError(f"{ptq}: QAT supports Gemma 3 checkpoints for now (model_type {cfg.get('model_type')!r})")
+    if not any(f in cfg.get("model_type", "") for f in ("gemma3", "gemma4")):
+        raise ValueError(f"{ptq}: QAT supports Gemma 3 and Gemma 4 text checkpoints (model_type {cfg.get('model_type')!r})")
     contract = read_contract(ptq)  # bits, scales and KV of every module, validated (the plugin's reader)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     head_sx = head_sy = None
@@ -147,7 +151,7 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
         head_sx, head_sy = _head_init_scales(model, init_batches, opts.head_init_percentile)
         if opts.lm_head_scales == "input":
             head_sy = None
-    names = []
+    names, frozen = [], []
     for name, mod in list(model.named_modules()):
         spec = contract.modules.get(name)
         if not isinstance(mod, torch.nn.Linear) or spec is None:
@@ -160,6 +164,11 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
         names.append(name)
     emb = model.get_input_embeddings()
     ename = next(n for n, m in model.named_modules() if m is emb)
+    for name, mod in model.named_modules():  # Gemma 4's per-layer table: the served rows, frozen (not trained)
+        if isinstance(mod, torch.nn.Embedding) and mod is not emb and name in contract.modules:
+            mod.weight.data = served_embedding_rows(contract, name).to(torch.bfloat16).float()
+            mod.weight.requires_grad_(False)
+            frozen.append(name)
     tspec = contract.modules.get(ename)
     if tspec is None:
         raise ValueError(f"{ptq}: the embedding table {ename} is not quantized; QAT expects the mobile table")
@@ -179,7 +188,10 @@ def build_student(base: Path, ptq: Path, opts: QATOptions, init_batches: list[to
     model.get_output_embeddings().forward = table.head
     specs = kv_specs(contract)
     install_kv_fake_quant(model, specs, fake_quant=kv_fake_quant_ste)  # the reference's hook, STE gradient
-    summary = {"qat_linears": len(names), "table_bits": tbits, "kv_layers": len(specs),
+    left = sorted(set(contract.modules) - set(names) - set(frozen) - {ename})
+    if left:  # no silent float module: every quantized module of PTQ_DIR is trained or frozen at its served values
+        raise ValueError(f"{ptq}: {left[0]} is quantized but QAT has no student module for it ({len(left)} in all)")
+    summary = {"qat_linears": len(names), "frozen_tables": frozen, "table_bits": tbits, "kv_layers": len(specs),
                "lm_head_init": {"input_scale": head_sx, "output_scale": head_sy}}
     return model, summary
 
@@ -338,6 +350,13 @@ def export(student: torch.nn.Module, init: Path, out: Path, summary: dict[str, A
     table: QATTable = student.gm_table
     for k, v in table.export().items():
         t[f"{student.gm_table_name}.{k}"] = v
+    qat_owned = {f"{n}." for n, m in student.named_modules() if isinstance(m, (QATLinear, QATTable))}
+    for name, p in student.named_parameters():  # the rest that was trained (norms, biases): in the checkpoint's dtype
+        if not p.requires_grad or name.startswith(tuple(qat_owned)):
+            continue
+        if name not in t:
+            raise ValueError(f"QAT trained {name}, which {init} does not store: cannot export it")
+        t[name] = p.detach().to(t[name].dtype)
     for f in init.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("qat_state.pt", "qat.json"):
             shutil.copy2(f, out / f.name)
