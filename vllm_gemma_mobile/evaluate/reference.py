@@ -150,11 +150,11 @@ def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract
         if spec is None or getattr(m, "quantization_scheme", None) is None:
             continue
         if isinstance(m, torch.nn.Embedding):
-            pw, ws = packed(spec)
             m.weight.data = served_embedding_rows(contract, name).to(m.weight.dtype)
             counts["served_embeddings"] += 1
             if m is emb and model.get_output_embeddings() is not None \
                     and model.get_output_embeddings().weight is m.weight:
+                pw, ws = packed(spec)
                 sx = scale(head.input_scale if head is not None else None)
                 sy = scale(head.output_scale if head is not None else None)
                 if sx is None:
