@@ -116,7 +116,10 @@ def served_embedding_rows(contract: CheckpointContract, name: str) -> torch.Tens
 
     spec = contract.modules[name]
     pw = from_compressed_tensors(contract.load(f"{name}.weight_packed"), spec.bits, list(spec.shape)).with_codes(torch.int8)
-    ws = contract.load(f"{name}.weight_scale").float().reshape(-1)
+    return _embedding_rows(pw, contract.load(f"{name}.weight_scale").float().reshape(-1))
+
+
+def _embedding_rows(pw, ws: torch.Tensor) -> torch.Tensor:
     g = ws.numel() // pw.n
     return (pw.codes.float().view(pw.n, g, -1) * ws.view(pw.n, g, 1)).view(pw.n, pw.k)
 
@@ -149,12 +152,12 @@ def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract
         spec = contract.modules.get(name)
         if spec is None or getattr(m, "quantization_scheme", None) is None:
             continue
+        pw, ws = packed(spec)
         if isinstance(m, torch.nn.Embedding):
-            m.weight.data = served_embedding_rows(contract, name).to(m.weight.dtype)
+            m.weight.data = _embedding_rows(pw, ws).to(m.weight.dtype)  # = served_embedding_rows, unpacked once
             counts["served_embeddings"] += 1
             if m is emb and model.get_output_embeddings() is not None \
                     and model.get_output_embeddings().weight is m.weight:
-                pw, ws = packed(spec)
                 sx = scale(head.input_scale if head is not None else None)
                 sy = scale(head.output_scale if head is not None else None)
                 if sx is None:
@@ -162,7 +165,6 @@ def install_served_numerics(model: torch.nn.Module, contract: CheckpointContract
                 lm = model.get_output_embeddings()
                 lm.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy: kref.linear(x, pw, ws, sx, sy)
             continue
-        pw, ws = packed(spec)
         sx, sy = scale(spec.input_scale), scale(spec.output_scale)
         bias = m.bias.detach() if getattr(m, "bias", None) is not None else None
         m.forward = lambda x, pw=pw, ws=ws, sx=sx, sy=sy, b=bias: kref.linear(x, pw, ws, sx, sy, b)
