@@ -236,7 +236,10 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from vllm_gemma_mobile.memory import retain_freed_memory
+
     base, init, out = Path(base), Path(init), Path(out)
+    retain_freed_memory()  # ~4x faster steps on CPU: no page faults per freed block (vllm_gemma_mobile/memory.py)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
