@@ -41,9 +41,11 @@ def test_freed_large_blocks_are_reused_without_page_faults():
     assert _faults_per_step("on") < TENSOR_PAGES        # less than one temporary's pages: the memory was reused
 
 
-def test_qat_turns_it_on():
+def test_qat_and_eval_turn_it_on():
     import inspect
 
+    from vllm_gemma_mobile import cli
     from vllm_gemma_mobile.qat import train
 
     assert "retain_freed_memory()" in inspect.getsource(train.run_qat)
+    assert "retain_freed_memory()" in inspect.getsource(cli._cmd_eval)
