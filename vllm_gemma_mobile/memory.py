@@ -1,4 +1,4 @@
-"""Process-level CPU memory tuning for the long CPU jobs (QAT, PTQ, evaluation).
+"""Process-level CPU memory tuning for the long CPU jobs (QAT, `gemma-mobile eval`).
 
 Why by hand: PyTorch's CPU tensors come from glibc `malloc`, which serves every block above its mmap threshold
 (at most 32 MiB) with a fresh `mmap` and returns it with `munmap` on free. QAT of Gemma 3 270M allocates and
@@ -13,7 +13,6 @@ needs no extra package.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 logger = logging.getLogger(__name__)
@@ -30,9 +29,8 @@ def retain_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already runs on (no library search)
         mallopt = libc.mallopt
         if not hasattr(libc, "gnu_get_libc_version"):
             raise AttributeError("not glibc")
