@@ -3,6 +3,7 @@ compiled mode), 4 completions + 1 chat, 24 tokens, temperature 0; print JSON. Us
 import json
 import socket
 import sys
+import tempfile
 import urllib.request
 
 from vllm_gemma_mobile.vllm.serve import launch, served_model_name, stop, wait_healthy
@@ -20,7 +21,8 @@ model = sys.argv[1]
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-proc = launch(model, port=port, log=open("/tmp/capture_answers_server.log", "w"))
+log = tempfile.NamedTemporaryFile("w", prefix="capture_answers_server_", suffix=".log", delete=False)
+proc = launch(model, port=port, log=log)
 try:
     wait_healthy(proc, "127.0.0.1", port)
     name = served_model_name(model)
@@ -31,4 +33,5 @@ try:
     out["chat: What is the capital of France?"] = chat["choices"][0]["message"]["content"]
 finally:
     stop(proc)
+    log.close()
 print(json.dumps(out, indent=1, ensure_ascii=False))
