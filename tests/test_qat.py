@@ -52,16 +52,30 @@ def test_qat_linear_forward_is_the_served_linear_bitwise(bits):
     assert lin.weight_rel.grad.abs().sum() > 0 and lin.inp.rel.grad.abs() > 0
 
 
-def test_qat_table_head_is_the_served_int8_lm_head():
+@pytest.mark.parametrize("trainable", [True, False])
+def test_qat_table_head_is_the_served_int8_lm_head(trainable):
+    """Trained table: f32 GEMM of the codes; frozen table on the CPU: `torch._int_mm` of the int8 codes forward, the
+    f32 codes backward (`_FrozenCodesMatmul`). Both equal the served int8 lm_head bit for bit, and the frozen one's
+    input gradient equals F.linear's (same f32 GEMM)."""
     g = torch.Generator().manual_seed(1)
     v, k = 64, 96
     codes = torch.randint(-2, 2, (v, k), generator=g, dtype=torch.int8)
     rs = _bf16(torch.rand(v, 1, generator=g) * 0.05 + 0.01)
     sx = float(_bf16(torch.tensor(0.02)))
-    table = QATTable(codes.float() * rs, rs, 2, sx, None)
-    h = torch.randn(3, k, generator=g).bfloat16()
-    ref = R.linear(h, from_int(codes, 2), rs.reshape(-1), torch.tensor(sx), None, out_dtype=torch.float32)
-    assert torch.equal(table.head(h), ref)
+    table = QATTable(codes.float() * rs, rs, 2, sx, None, trainable=trainable)
+    h = torch.randn(2, 20, k, generator=g).bfloat16()
+    ref = R.linear(h.reshape(-1, k), from_int(codes, 2), rs.reshape(-1), torch.tensor(sx), None,
+                   out_dtype=torch.float32).reshape(2, 20, v)
+    hf = h.float().requires_grad_(True)
+    got = table.head(hf)
+    assert torch.equal(got, ref)
+    w = torch.randn(2, 20, v, generator=g)
+    (got * w).sum().backward()
+    r = torch.round(h.float() / sx)
+    inside = ((r >= -128) & (r <= 127)).float()  # the clamp passes the gradient only inside the int8 range
+    assert 0 < inside.sum() < inside.numel()
+    # straight-through: d logits / d h = (s_x * s_row) * codes / s_x inside the range, in autograd's order
+    assert torch.equal(hf.grad, (((w * (sx * rs.reshape(-1))) @ codes.float()) * inside) / sx)
     ids = torch.tensor([0, 5, 63])
     assert torch.equal(table.embed(ids), R.embedding(ids, from_int(codes, 2), rs.reshape(-1), torch.float32))
 
@@ -137,11 +151,62 @@ def test_qat_exports_what_it_trained_besides_the_quantized_modules(qat_setup):
     assert all(not torch.equal(tq[k], tp[k]) for k in norms)
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gemma4"])
+def test_chunked_head_and_loss_equal_the_whole_batch(arch, qat_setup, qat_setup_gemma4):
+    """`distill_backward` with the lm_head + loss in chunks of 16 / 50 tokens (the last one short) equals the
+    plain whole-batch `kd_loss(...).backward()` (chunk 0): the same loss and the same gradient of every parameter,
+    up to f32 regrouping. Gemma 3: the recipe's frozen table (the int8 `_int_mm` head); Gemma 4: trained table,
+    both lm_head scales, final logit soft-capping (30) — a chunk path that skipped the soft-cap, took LSQ's
+    gradient scale from the chunk's shape or lost a chunk's gradient fails here by orders of magnitude.
+    Tolerance: chunking regroups f32 sums over the batch's 128 tokens; |regrouped - whole| <= n * 2^-24 * sum|terms|.
+    The decoder's gradients come from per-token rows of the head's backward, which chunking does not regroup
+    (measured bitwise equal); the table's and head_out's gradients sum terms that do not cancel (measured <= 1.3e-7
+    of the tensor's largest): bound 1e-5. The lm_head input scale's gradient is ONE sum of 128 x 640 LSQ terms of
+    both signs that cancel, so its regrouping error relative to the result is n * 2^-24 * sum|t| / |sum t| (measured
+    9e-5 - 4e-4): bound 2e-3. Excluded: the trained table's per-row scale gradient (`row_rel`), sums cancelling to
+    ~1e-9 of the others — f32 noise in both paths (measured up to 100 % apart)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_gemma_mobile.qat.train import build_student, distill_backward
+
+    base, ptq, _ = qat_setup if arch == "gemma3" else qat_setup_gemma4
+    opts = QATOptions(**{**OPTS, "train_table": arch == "gemma4", "lm_head_scales": "input" if arch == "gemma3"
+                         else "both"})
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    student, _ = build_student(base, ptq, opts, [ids])
+    assert (student.config.get_text_config().final_logit_softcapping is not None) == (arch == "gemma4")
+    teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    runs = {}
+    for chunk in (0, 16, 50):
+        student.zero_grad(set_to_none=True)
+        loss = distill_backward(student, ids, t_logits, 1.0, chunk)
+        runs[chunk] = loss, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    loss0, g0 = runs[0]
+    with torch.no_grad():
+        assert loss0 == pytest.approx(float(torch.nn.functional.kl_div(
+            torch.log_softmax(student(input_ids=ids).logits, -1), torch.log_softmax(t_logits, -1), log_target=True,
+            reduction="sum")) / ids.numel(), rel=1e-5)  # chunk 0 is the plain loss (kl_div: an independent formula)
+    assert len(g0) > 20
+    for chunk in (16, 50):
+        loss, g = runs[chunk]
+        assert loss == pytest.approx(loss0, rel=1e-6)
+        assert g.keys() == g0.keys()
+        for name in g0:
+            if name.endswith("gm_table.row_rel"):
+                continue
+            rel = 2e-3 if name.endswith("head_in.rel") else 1e-5
+            assert float((g[name] - g0[name]).abs().max()) <= rel * float(g0[name].abs().max()), name
+
+
 def test_qat_bad_options_fail_clearly():
     with pytest.raises(ValueError, match="unknown QAT option"):
         QATOptions.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="lm_head_scales"):
         QATOptions.from_dict({"lm_head_scales": "output"})
+    with pytest.raises(ValueError, match="head_chunk=-1"):
+        QATOptions.from_dict({"head_chunk": -1})
     with pytest.raises(ValueError, match="device='tpu'"):
         QATOptions.from_dict({"device": "tpu"})
     assert QATOptions.from_dict({}).torch_device().type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -56,6 +56,7 @@ class QATOptions:
     n_sequences: int = 256               # distinct calibration sequences cycled through (tests: one batch)
     threads: int | None = None
     device: str = "auto"                 # "auto": the GPU when torch sees one, else the CPU; or "cpu", "cuda[:N]"
+    head_chunk: int = 128                # tokens per lm_head + loss chunk (`distill_backward`); 0: the whole batch
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QATOptions":
@@ -68,6 +69,8 @@ class QATOptions:
             raise ValueError(f"lm_head_scales={opts.lm_head_scales!r}: expected input, both or none")
         if opts.steps <= 0 or opts.batch <= 0 or opts.seq_len < 8:
             raise ValueError("steps and batch must be positive, seq_len >= 8")
+        if opts.head_chunk < 0:
+            raise ValueError(f"head_chunk={opts.head_chunk}: expected 0 (whole batch) or a positive token count")
         opts.torch_device()  # validates `device`
         return opts
 
@@ -86,7 +89,8 @@ class QATOptions:
 # Options a resumed run may change: they decide when to stop, save, monitor, and where and on how many threads it
 # computes, not the trajectory (e.g. rerun with a larger `time_budget_min` to continue a run its budget stopped;
 # another device continues the same math, equal up to that device's f32 rounding).
-_RESUME_FREE = frozenset({"time_budget_min", "save_every", "eval_every", "threads", "device"})
+# `head_chunk` only regroups the f32 sums of the loss and of the lm_head's gradients (`distill_backward`).
+_RESUME_FREE = frozenset({"time_budget_min", "save_every", "eval_every", "threads", "device", "head_chunk"})
 
 
 def load_qat_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> QATOptions:
@@ -222,11 +226,53 @@ def _param_groups(model: torch.nn.Module, opts: QATOptions) -> list[dict]:
             {"params": other, "lr": opts.lr_norms, "base_lr": opts.lr_norms, "name": "norms"}]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over tokens of KL(softmax(t / T) || softmax(s / T)) * T^2."""
+def _kd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t / T) || softmax(s / T)) * T^2 of every token (last dim: the vocabulary)."""
     t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
+    return (t.exp() * (t - s)).sum(-1) * temperature ** 2
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(t / T) || softmax(s / T)) * T^2."""
+    return _kd_per_token(student_logits, teacher_logits, temperature).mean()
+
+
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """transformers' Gemma `final_logit_softcapping` (Gemma3/4ForCausalLM.forward), same operations."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def distill_backward(student: torch.nn.Module, ids: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                     chunk: int) -> float:
+    """`kd_loss(student(ids).logits, teacher_logits, T).backward()`, returning the loss, with the lm_head and the loss
+    taken `chunk` tokens at a time (0: the whole batch, i.e. exactly that line). The decoder runs once; its last
+    hidden state is cut from the graph, each chunk's logits -> KL -> backward runs and is freed before the next (the
+    chunk's gradients accumulate into the hidden state and the head's scales), then the decoder's backward runs from
+    the accumulated gradient. Why: the student's [tokens, 262144] f32 logits and their 5-6 same-sized autograd
+    temporaries (~3 GB for 2 x 256 tokens) never exist at once, so the working set fits the cache and the heap stops
+    growing (`vllm_gemma_mobile.memory`). Same mathematics: the loss and every gradient are the same sums, grouped
+    by chunk (f32 rounding only; tests/test_qat.py bounds it); LSQ's gradient scales use the batch's shape."""
+    if chunk <= 0:
+        loss = kd_loss(student(input_ids=ids).logits, teacher_logits, temperature)
+        loss.backward()
+        return float(loss.detach())
+    h = student.model(input_ids=ids).last_hidden_state
+    hd = h.detach().requires_grad_(True)
+    tokens_per_seq = h.shape[1]
+    flat_h, flat_t = hd.reshape(-1, h.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    n = flat_h.shape[0]
+    table, cap = student.gm_table, student.config.get_text_config().final_logit_softcapping
+    total = 0.0
+    for i in range(0, n, chunk):
+        logits = _softcap(table.head(flat_h[i:i + chunk], tokens_per_sample=tokens_per_seq), cap)
+        part = _kd_per_token(logits, flat_t[i:i + chunk], temperature).sum() / n
+        part.backward()
+        total += float(part.detach())
+    h.backward(hd.grad)
+    return total
 
 
 def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOptions,
@@ -307,17 +353,16 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
             g["lr"] = g["base_lr"] * lr_mult
         with torch.no_grad():
             t_logits = teacher(input_ids=ids).logits
-        s_logits = student(input_ids=ids).logits
-        loss = kd_loss(s_logits, t_logits, opts.temperature)
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = distill_backward(student, ids, t_logits, opts.temperature, opts.head_chunk)
+        del t_logits
         optim.step()
         with torch.no_grad():  # scales must stay positive
             for pn, p in student.named_parameters():
                 if pn.endswith(("_rel", ".rel")):
                     p.clamp_(min=1e-3)
         step += 1
-        losses.append(float(loss.detach()))
+        losses.append(loss)
         bar.update(1)
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
         if step % opts.eval_every == 0:
