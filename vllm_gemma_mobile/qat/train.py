@@ -57,6 +57,7 @@ class QATOptions:
     threads: int | None = None
     device: str = "auto"                 # "auto": the GPU when torch sees one, else the CPU; or "cpu", "cuda[:N]"
     head_chunk: int = 128                # tokens per lm_head + loss chunk (`distill_backward`); 0: the whole batch
+                                         # (a trained table is fake-quantized once per chunk)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QATOptions":
