@@ -55,8 +55,8 @@ def test_qat_linear_forward_is_the_served_linear_bitwise(bits):
 @pytest.mark.parametrize("trainable", [True, False])
 def test_qat_table_head_is_the_served_int8_lm_head(trainable):
     """Trained table: f32 GEMM of the codes; frozen table on the CPU: `torch._int_mm` of the int8 codes forward, the
-    f32 codes backward (`_FrozenCodesMatmul`). Both equal the served int8 lm_head bit for bit, and the frozen one's
-    input gradient equals F.linear's (same f32 GEMM)."""
+    f32 codes backward (`_FrozenCodesMatmul`). Both equal the served int8 lm_head bit for bit, and both input
+    gradients equal the straight-through formula computed here in autograd's operation order."""
     g = torch.Generator().manual_seed(1)
     v, k = 64, 96
     codes = torch.randint(-2, 2, (v, k), generator=g, dtype=torch.int8)
@@ -161,7 +161,7 @@ def test_chunked_head_and_loss_equal_the_whole_batch(arch, qat_setup, qat_setup_
     Tolerance: chunking regroups f32 sums over the batch's 128 tokens; |regrouped - whole| <= n * 2^-24 * sum|terms|.
     The decoder's gradients come from per-token rows of the head's backward, which chunking does not regroup
     (measured bitwise equal); the table's and head_out's gradients sum terms that do not cancel (measured <= 1.3e-7
-    of the tensor's largest): bound 1e-5. The lm_head input scale's gradient is ONE sum of 128 x 640 LSQ terms of
+    of the tensor's largest): bound 1e-5. The lm_head input scale's gradient is ONE sum of 128 x hidden LSQ terms of
     both signs that cancel, so its regrouping error relative to the result is n * 2^-24 * sum|t| / |sum t| (measured
     9e-5 - 4e-4): bound 2e-3. Excluded: the trained table's per-row scale gradient (`row_rel`), sums cancelling to
     ~1e-9 of the others — f32 noise in both paths (measured up to 100 % apart)."""
