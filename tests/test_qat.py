@@ -4,10 +4,8 @@ deterministic and resumable, and the exported checkpoint is served by the plugin
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from fixtures_ckpt import checkpoint_tensors, compare_greedy, write_mobile_check
 from kernels import bitpack, reference as R  # noqa: E402
 from kernels.layout import from_int  # noqa: E402
 from vllm_gemma_mobile.qat.fakequant import QATLinear, QATTable  # noqa: E402
-from vllm_gemma_mobile.qat.train import QATOptions, _budget_horizon, lr_multiplier, run_qat  # noqa: E402
+from vllm_gemma_mobile.qat.train import QATOptions, run_qat  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,47 +122,6 @@ def test_qat_resumes_where_it_stopped(qat_setup):
     assert full["losses"] == straight["losses"]
 
 
-def test_lr_multiplier_warms_up_then_follows_the_cosine_to_its_horizon():
-    steps_mode = QATOptions(**{**OPTS, "warmup_steps": 4})
-    # the default schedule: warm-up ramp times a cosine over `steps` from step 0 (what every earlier run used)
-    assert [round(lr_multiplier(s, steps_mode, None), 12) for s in (0, 3, 6)] == \
-        [round(0.25 * 0.5 * (1 + math.cos(math.pi * 0 / 12)), 12), round(0.5 * (1 + math.cos(math.pi * 3 / 12)), 12),
-         round(0.5 * (1 + math.cos(math.pi * 6 / 12)), 12)]
-    fixed = QATOptions(**{**OPTS, "warmup_steps": 4, "lr_horizon": 8})
-    assert [lr_multiplier(s, fixed, 8) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # ramp, no cosine yet
-    assert lr_multiplier(4, fixed, 8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
-    assert lr_multiplier(8, fixed, 8) == pytest.approx(0.0, abs=1e-15)  # the cosine's zero is the horizon
-    budget = QATOptions(**{**OPTS, "warmup_steps": 4, "lr_horizon": "budget", "time_budget_min": 1.0})
-    assert [lr_multiplier(s, budget, None) for s in (2, 5)] == [0.75, 1.0]  # horizon not known yet: flat
-    assert lr_multiplier(5, budget, 8) == lr_multiplier(5, fixed, 8)
-    # the pace's arithmetic: 100 s left at 7 s/step from step 10 -> 14 more steps; capped at `steps`; >= 1 step
-    assert _budget_horizon(10, 7.0, 100.0, 1000) == 24
-    assert _budget_horizon(10, 7.0, 100.0, 20) == 20
-    assert _budget_horizon(10, 7.0, -5.0, 1000) == 11
-
-
-def test_qat_budget_horizon_anneals_by_the_deadline_and_is_repeatable(qat_setup, monkeypatch):
-    """`lr_horizon: budget` measures the pace during warm-up, ends the cosine (and the run) at the step the time
-    budget allows, exports, and records that step; `lr_horizon=N` with it repeats the run exactly. A fake clock that
-    advances 1 s per reading makes the pace deterministic here (the loop reads it about once per step)."""
-    import vllm_gemma_mobile.qat.train as train
-
-    base, ptq, d = qat_setup
-    ticks = iter(range(10 ** 6))
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: float(next(ticks))))
-    opts = {**OPTS, "warmup_steps": 3, "save_every": 100, "eval_every": 100}
-    a = run_qat(base, ptq, d / "budget", QATOptions(**{**opts, "lr_horizon": "budget", "time_budget_min": 0.15}))
-    n = a["lr_horizon_steps"]
-    assert n is not None and opts["warmup_steps"] < n < opts["steps"], a  # budget-bound, not step-bound
-    assert a["steps_done"] == n and (d / "budget" / "model.safetensors").exists()
-    monkeypatch.undo()
-    b = run_qat(base, ptq, d / "fixed", QATOptions(**{**opts, "lr_horizon": n}))
-    assert b["steps_done"] == n and b["lr_horizon_steps"] == n
-    assert a["losses"] == b["losses"]
-    ta, tb = checkpoint_tensors(d / "budget"), checkpoint_tensors(d / "fixed")
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (kernels/run_gpu_checks.sh runs it)")
 def test_qat_on_cuda_trains_and_exports(qat_setup):
     """`device: auto` trains on the GPU: the loss falls as on the CPU and the export is the same checkpoint layout
@@ -248,12 +205,6 @@ def test_qat_bad_options_fail_clearly():
         QATOptions.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="lm_head_scales"):
         QATOptions.from_dict({"lm_head_scales": "output"})
-    with pytest.raises(ValueError, match="lr_horizon='soon'"):
-        QATOptions.from_dict({"lr_horizon": "soon"})
-    with pytest.raises(ValueError, match="lr_horizon=300"):  # past `steps` (200)
-        QATOptions.from_dict({"lr_horizon": 300})
-    with pytest.raises(ValueError, match="needs a time_budget_min"):
-        QATOptions.from_dict({"lr_horizon": "budget", "time_budget_min": None})
     with pytest.raises(ValueError, match="head_chunk=-1"):
         QATOptions.from_dict({"head_chunk": -1})
     with pytest.raises(ValueError, match="device='tpu'"):

@@ -58,8 +58,6 @@ class QATOptions:
     device: str = "auto"                 # "auto": the GPU when torch sees one, else the CPU; or "cpu", "cuda[:N]"
     head_chunk: int = 128                # tokens per lm_head + loss chunk (`distill_backward`); 0: the whole batch
                                          # (a trained table is fake-quantized once per chunk)
-    lr_horizon: int | str = "steps"      # where the cosine reaches 0 (`lr_multiplier`): "steps"; "budget": the step
-                                         # the time budget allows at the pace measured during warm-up; or a step count
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QATOptions":
@@ -74,14 +72,6 @@ class QATOptions:
             raise ValueError("steps and batch must be positive, seq_len >= 8")
         if opts.head_chunk < 0:
             raise ValueError(f"head_chunk={opts.head_chunk}: expected 0 (whole batch) or a positive token count")
-        h = opts.lr_horizon
-        if isinstance(h, bool) or not (h in ("steps", "budget") or
-                                       (isinstance(h, int) and opts.warmup_steps < h <= opts.steps)):
-            raise ValueError(f"lr_horizon={h!r}: expected steps, budget or a step count in (warmup_steps, steps] = "
-                             f"({opts.warmup_steps}, {opts.steps}]")
-        if h == "budget" and (opts.time_budget_min is None or opts.warmup_steps < 3):
-            raise ValueError("lr_horizon=budget needs a time_budget_min and warmup_steps >= 3 (the pace is measured "
-                             "over warm-up's steps after the first)")
         opts.torch_device()  # validates `device`
         return opts
 
@@ -102,27 +92,6 @@ class QATOptions:
 # another device continues the same math, equal up to that device's f32 rounding).
 # `head_chunk` only regroups the f32 sums of the loss and of the lm_head's gradients (`distill_backward`).
 _RESUME_FREE = frozenset({"time_budget_min", "save_every", "eval_every", "threads", "device", "head_chunk"})
-
-
-def lr_multiplier(step: int, opts: QATOptions, horizon: int | None) -> float:
-    """The learning rate of `step` over the base rate: a linear warm-up over `warmup_steps` times a cosine.
-
-    `lr_horizon: steps` (the default): cosine 0.5 * (1 + cos(pi * step / steps)) from step 0. Otherwise the cosine
-    is flat (1) until `horizon` is known and 0.5 * (1 + cos(pi * step / horizon)) from `warmup_steps` on, and the run
-    stops at `horizon` (the cosine's 0). `lr_horizon: budget` fixes the horizon at the end of warm-up (`_budget_horizon`)
-    and records it (`qat.json`: `lr_horizon_steps`); `--set lr_horizon=N` with that N repeats the run exactly."""
-    warm = min(1.0, (step + 1) / max(opts.warmup_steps, 1))
-    if opts.lr_horizon == "steps":
-        return warm * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
-    if horizon is None or step < opts.warmup_steps:
-        return warm
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step, horizon) / horizon))
-
-
-def _budget_horizon(step: int, pace_s: float, remaining_s: float, cap: int) -> int:
-    """The last step a run at `step` reaches within `remaining_s` at `pace_s` seconds per step, capped at `cap`
-    (`steps`) and at least one step past `step`."""
-    return max(step + 1, min(cap, step + int(remaining_s // pace_s)))
 
 
 def load_qat_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> QATOptions:
@@ -341,7 +310,6 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "qat_state.pt"
     step, losses, elapsed0, monitor = 0, [], 0.0, []
-    horizon = opts.lr_horizon if isinstance(opts.lr_horizon, int) else None
     if state_file.exists():
         st = torch.load(state_file, weights_only=False, map_location=dev)
         changed = sorted(k for k, v in asdict(opts).items() if k not in _RESUME_FREE and st["options"].get(k) != v)
@@ -351,14 +319,13 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
         student.load_state_dict(st["student"], strict=False)
         optim.load_state_dict(st["optim"])
         step, losses, elapsed0, monitor = st["step"], st["losses"], st["elapsed_s"], st["monitor"]
-        horizon = st.get("horizon", horizon)
         logger.info("resuming QAT at step %d", step)
 
     def save_state():
         trainable = {k: v for k, v in student.state_dict().items()
                      if not k.endswith("embed_tokens.weight") and k != "lm_head.weight"}
         torch.save({"student": trainable, "optim": optim.state_dict(), "step": step, "losses": losses, "monitor": monitor,
-                    "options": asdict(opts), "elapsed_s": elapsed0 + time.time() - t0, "horizon": horizon}, state_file)
+                    "options": asdict(opts), "elapsed_s": elapsed0 + time.time() - t0}, state_file)
 
     with torch.no_grad():
         monitor_teacher = teacher(input_ids=monitor_ids).logits
@@ -373,27 +340,16 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
         check()
     t0 = time.time()
     stop_at = opts.steps if max_steps is None else min(opts.steps, step + max_steps)
-    if horizon is not None:
-        stop_at = min(stop_at, horizon)
     student.train()
-    bar = tqdm(total=horizon or opts.steps, initial=step, desc="QAT", unit="step", dynamic_ncols=True)
-    paced_from = None  # (step, time) after this process's first step: the pace excludes first-call overheads
+    bar = tqdm(total=opts.steps, initial=step, desc="QAT", unit="step", dynamic_ncols=True)
     while step < stop_at:
-        now = time.time()
-        if opts.time_budget_min is not None and elapsed0 + now - t0 > opts.time_budget_min * 60:
+        if opts.time_budget_min is not None and elapsed0 + time.time() - t0 > opts.time_budget_min * 60:
             logger.info("QAT time budget of %.1f min reached at step %d", opts.time_budget_min, step)
             break
-        if horizon is None and opts.lr_horizon == "budget" and step >= opts.warmup_steps and paced_from is not None \
-                and step - paced_from[0] >= 2:
-            pace = (now - paced_from[1]) / (step - paced_from[0])
-            horizon = _budget_horizon(step, pace, opts.time_budget_min * 60 - (elapsed0 + now - t0), opts.steps)
-            stop_at = min(stop_at, horizon)
-            bar.total = horizon
-            logger.info("QAT at %.1f s/step: the learning rate's cosine ends at step %d (time budget %.1f min)",
-                        pace, horizon, opts.time_budget_min)
         idx = [order[(step * opts.batch + j) % len(order)] for j in range(opts.batch)]
         ids = torch.tensor([seqs[i] for i in idx], device=dev)
-        lr_mult = lr_multiplier(step, opts, horizon)
+        lr_mult = min(1.0, (step + 1) / max(opts.warmup_steps, 1)) * \
+            0.5 * (1 + math.cos(math.pi * step / opts.steps))
         for g in optim.param_groups:
             g["lr"] = g["base_lr"] * lr_mult
         with torch.no_grad():
@@ -407,8 +363,6 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
                 if pn.endswith(("_rel", ".rel")):
                     p.clamp_(min=1e-3)
         step += 1
-        if paced_from is None:
-            paced_from = (step, time.time())
         losses.append(loss)
         bar.update(1)
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
@@ -421,8 +375,8 @@ def run_qat(base: str | Path, init: str | Path, out: str | Path, opts: QATOption
         check()
     save_state()
     summary.update({"steps_done": step, "losses": losses, "heldout_kl": monitor, "train_s": round(elapsed0 + time.time() - t0, 1),
-                    "options": asdict(opts), "lr_horizon_steps": horizon})
-    if step >= (horizon or opts.steps) or max_steps is None:
+                    "options": asdict(opts)})
+    if step >= opts.steps or max_steps is None:
         export(student.cpu(), init, out, summary)
     return summary
 
